@@ -1,0 +1,115 @@
+"""jr-ls: list jobs, newest first, with filters; or a summary per state and workspace."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from .. import db
+from ..models import State, StatusCode
+from .common import Context, Tool, human_age, iso, parse_since, run_tool
+
+COLUMNS = ["id", "request", "workspace", "action", "state", "status_code", "status_message",
+           "created_at", "updated_at"]
+TABLE_COLUMNS = ["id", "request", "workspace", "action", "state", "status_code", "age", "updated"]
+TABLE_LIMIT = 100
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+class Ls(Tool):
+    name = "jr-ls"
+    description = "List jobs, newest first. Reads only the state store (never Docker or the website)."
+    epilog = """examples:
+  jr-ls                                  the newest jobs
+  jr-ls --state running,pending          what is active
+  jr-ls --state failed --since 1d -o ids | jr-retry --yes -
+  jr-ls abcd                             jobs whose id or request id contains 'abcd'
+  jr-ls --summary                        counts per state and workspace"""
+    takes_ids = "*"
+    output = True
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        states = ",".join(s.value for s in State)
+        parser.add_argument("--state", type=_csv, default=[], metavar="STATE[,STATE]", help=f"one of {states}")
+        parser.add_argument("--status-code", type=_csv, default=[], metavar="CODE[,CODE]",
+                            help="e.g. nonzero_exit,internal_error")
+        parser.add_argument("--workspace", type=_csv, default=[], metavar="NAME[,NAME]")
+        parser.add_argument("--request", type=_csv, default=[], metavar="ID[,ID]", help="full job-request IDs")
+        parser.add_argument("--action", type=_csv, default=[], metavar="NAME[,NAME]")
+        parser.add_argument("--since", metavar="AGE|DATE", help="created since: 30m, 2h, 7d or 2021-11-03")
+        parser.add_argument("--limit", type=int, metavar="N",
+                            help=f"at most N jobs (0: all; default {TABLE_LIMIT} in a table, all otherwise)")
+        parser.add_argument("--summary", action="store_true", help="counts per state, per workspace")
+
+    def run(self, ctx: Context) -> int:
+        args = ctx.args
+        for state in args.state:
+            if state not in {s.value for s in State}:
+                from ..errors import UsageError
+
+                raise UsageError(f"--state {state!r}: expected one of {', '.join(s.value for s in State)}")
+        for code in args.status_code:
+            if code not in {c.value for c in StatusCode}:
+                from ..errors import UsageError
+
+                raise UsageError(f"--status-code {code!r} is unknown: e.g. {StatusCode.NONZERO_EXIT.value}")
+        if args.summary:
+            return self.summary(ctx)
+        since = parse_since(args.since) if args.since else None
+        limit = args.limit if args.limit is not None else (TABLE_LIMIT if ctx.output_format == "table" else 0)
+        if args.ids:
+            wanted = {j.id for j in ctx.resolve_jobs(args.ids)}
+            jobs = [j for j in db.find_jobs(ctx.conn, states=args.state, codes=args.status_code,
+                                            workspaces=args.workspace, requests=args.request,
+                                            actions=args.action, since=since) if j.id in wanted]
+            total = len(jobs)
+            jobs = jobs[:limit] if limit else jobs
+        else:
+            jobs = db.find_jobs(ctx.conn, states=args.state, codes=args.status_code, workspaces=args.workspace,
+                                requests=args.request, actions=args.action, since=since,
+                                limit=(limit + 1) if limit else None)
+            total = None if not limit or len(jobs) <= limit else -1
+            jobs = jobs[:limit] if limit else jobs
+        now = time.time()
+        rows, table_rows = [], []
+        for job in jobs:
+            code = job.status_code.value if job.status_code else ""
+            rows.append({"id": job.id, "request": job.job_request_id, "workspace": job.workspace,
+                         "action": job.action, "state": job.state.value, "status_code": code,
+                         "status_message": job.status_message or "", "created_at": iso(job.created_at),
+                         "updated_at": iso(job.updated_at)})
+            table_rows.append({**rows[-1], "age": human_age(now - job.created_at),
+                               "updated": human_age(now - job.updated_at) + " ago"})
+        ctx.emit(rows, COLUMNS, table_rows=table_rows, table_columns=TABLE_COLUMNS)
+        if limit and total is not None and (total == -1 or total > limit):
+            ctx.say(f"(showing the newest {limit}; --limit 0 shows all)")
+        return 0
+
+    def summary(self, ctx: Context) -> int:
+        states = [s.value for s in State]
+        per_ws: dict[str, dict[str, int]] = {}
+        for workspace, state, count in db.count_by(ctx.conn, "workspace"):
+            per_ws.setdefault(workspace, dict.fromkeys(states, 0))[state] = count
+        totals = dict.fromkeys(states, 0)
+        rows = []
+        for workspace, counts in per_ws.items():
+            for s in states:
+                totals[s] += counts[s]
+            rows.append({"workspace": workspace, **{s: str(counts[s]) for s in states},
+                         "total": str(sum(counts.values()))})
+        rows.append({"workspace": "(all)", **{s: str(totals[s]) for s in states}, "total": str(sum(totals.values()))})
+        paused = db.get_flag(ctx.conn, "paused")
+        if paused is not None:
+            ctx.stderr.write(f"Backend is PAUSED ({paused}): no new jobs start; "
+                             "`jr-reboot-prep --resume` lifts it\n")
+        rows = [{"id": r["workspace"], **r} for r in rows]
+        ctx.emit(rows, ["workspace", *states, "total"])
+        return 0
+
+
+def main() -> None:
+    """Entry point."""
+    run_tool(Ls)

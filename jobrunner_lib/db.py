@@ -1,0 +1,321 @@
+"""The state store: `workdir/db.sqlite` (SPEC.md §3.6), shared safely by many processes.
+
+WAL mode and a busy timeout let the service loop, workers and operators' tools use it at once.
+Writes are short `BEGIN IMMEDIATE` transactions (taking the write lock up front means no
+lock-upgrade deadlocks). The schema moves forward by PRAGMA user_version; version 1 is the old
+backend's schema, so its database files are upgraded in place.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConflictError
+from .models import Job, JobRequest, State, StatusCode
+
+BUSY_TIMEOUT_MS = 30_000
+
+MIGRATIONS: list[str] = [
+    # 1: the old backend's schema (jobrunner/schema.sql), kept verbatim so its files upgrade.
+    """
+    CREATE TABLE job_request (id TEXT, original TEXT, PRIMARY KEY (id));
+    CREATE TABLE job (
+        id TEXT, job_request_id TEXT, state TEXT, repo_url TEXT, "commit" TEXT, workspace TEXT,
+        database_name TEXT, action TEXT, action_repo_url TEXT, action_commit TEXT,
+        requires_outputs_from TEXT, wait_for_job_ids TEXT, run_command TEXT, image_id TEXT,
+        output_spec TEXT, outputs TEXT, unmatched_outputs TEXT, status_message TEXT,
+        status_code TEXT, cancelled BOOLEAN, created_at INT, updated_at INT, started_at INT,
+        completed_at INT, PRIMARY KEY (id)
+    );
+    CREATE INDEX idx_job__job_request_id ON job (job_request_id);
+    CREATE INDEX idx_job__state ON job (state) WHERE state NOT IN ('failed', 'succeeded');
+    """,
+    # 2: jr's columns: who works on a job, its heartbeat, a revision for compare-and-set.
+    """
+    ALTER TABLE job ADD COLUMN run_by_user TEXT;
+    ALTER TABLE job ADD COLUMN requires_db BOOLEAN DEFAULT 0;
+    ALTER TABLE job ADD COLUMN exit_code INT;
+    ALTER TABLE job ADD COLUMN worker_pid INT;
+    ALTER TABLE job ADD COLUMN worker_started_at REAL;
+    ALTER TABLE job ADD COLUMN heartbeat_at REAL;
+    ALTER TABLE job ADD COLUMN progress_at REAL;
+    ALTER TABLE job ADD COLUMN error_detail TEXT;
+    ALTER TABLE job ADD COLUMN rev INT NOT NULL DEFAULT 0;
+    ALTER TABLE job_request ADD COLUMN created_at INT;
+    CREATE INDEX idx_job__workspace_action ON job (workspace, action, created_at);
+    CREATE INDEX idx_job__created_at ON job (created_at);
+    CREATE TABLE flag (name TEXT PRIMARY KEY, value TEXT, updated_at INT);
+    CREATE TABLE job_post (job_id TEXT PRIMARY KEY, posted_updated_at INT, posted_state TEXT);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+JSON_COLUMNS = {"requires_outputs_from", "wait_for_job_ids", "output_spec", "outputs", "unmatched_outputs"}
+BOOL_COLUMNS = {"cancelled", "requires_db"}
+JOB_COLUMNS = [f.name for f in fields(Job)]
+# The run side never writes `cancelled` (sync owns it), so a cancel is never overwritten.
+RUN_SIDE_COLUMNS = [c for c in JOB_COLUMNS if c not in ("id", "cancelled", "rev")]
+ACTIVE_STATES = (State.PENDING.value, State.RUNNING.value)
+
+
+def _q(column: str) -> str:
+    return '"commit"' if column == "commit" else column
+
+
+def connect(path: Path | str, *, migrate: bool = True) -> sqlite3.Connection:
+    """Open the store (creating its directory and schema as needed), autocommit, WAL, busy timeout."""
+    path = Path(path)
+    if str(path) != ":memory:":
+        path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
+                           check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    if migrate:
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        migrate_schema(conn)
+    return conn
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The schema version; an unversioned file holding the old backend's tables counts as 1."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version == 0 and conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='job'").fetchone():
+        return 1
+    return version
+
+
+def migrate_schema(conn: sqlite3.Connection) -> int:
+    """Apply every migration newer than the file's version, each in its own transaction."""
+    if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+        return SCHEMA_VERSION
+    with transaction(conn):
+        current = schema_version(conn)
+        if current > SCHEMA_VERSION:
+            raise RuntimeError(f"database schema version {current} is newer than this jr "
+                               f"({SCHEMA_VERSION}): update jr")
+        for number in range(current + 1, SCHEMA_VERSION + 1):
+            for statement in _statements(MIGRATIONS[number - 1]):
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    return SCHEMA_VERSION
+
+
+def _statements(script: str) -> Iterator[str]:
+    for part in script.split(";"):
+        if part.strip():
+            yield part
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A short write transaction that takes the write lock at once (BEGIN IMMEDIATE)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _encode(column: str, value: Any) -> Any:
+    if column in JSON_COLUMNS:
+        return None if value is None else json.dumps(value)
+    if column in BOOL_COLUMNS:
+        return int(bool(value))
+    if isinstance(value, (State, StatusCode)):
+        return value.value
+    return value
+
+
+def job_from_row(row: sqlite3.Row | dict[str, Any]) -> Job:
+    """Decode a `job` row into a Job."""
+    data = dict(row)
+    values: dict[str, Any] = {}
+    for name in JOB_COLUMNS:
+        value = data.get(name)
+        if name in JSON_COLUMNS and isinstance(value, str):
+            value = json.loads(value)
+        elif name in BOOL_COLUMNS:
+            value = bool(value)
+        elif name == "state":
+            value = State(value)
+        elif name == "status_code":
+            value = _status_code(value)
+        values[name] = value
+    for name in ("requires_outputs_from", "wait_for_job_ids"):
+        values[name] = values[name] or []
+    values["output_spec"] = values["output_spec"] or {}
+    values["rev"] = values["rev"] or 0
+    values["created_at"] = values["created_at"] or 0
+    values["updated_at"] = values["updated_at"] or 0
+    return Job(**values)
+
+
+def _status_code(value: str | None) -> StatusCode | None:
+    if not value:
+        return None
+    try:
+        return StatusCode(value)
+    except ValueError:
+        # Old files stored the enum's repr (`StatusCode.NONZERO_EXIT`); accept that too.
+        name = value.split(".", 1)[-1]
+        return StatusCode[name] if name in StatusCode.__members__ else None
+
+
+def insert_request(conn: sqlite3.Connection, request: JobRequest, jobs: Sequence[Job]) -> None:
+    """Insert a request and its jobs in one transaction (nothing half-written)."""
+    with transaction(conn):
+        conn.execute("INSERT OR REPLACE INTO job_request (id, original, created_at) VALUES (?, ?, "
+                     "strftime('%s','now'))", (request.id, json.dumps(request.original)))
+        insert_jobs(conn, jobs)
+
+
+def insert_jobs(conn: sqlite3.Connection, jobs: Iterable[Job]) -> None:
+    """Insert jobs (inside the caller's transaction)."""
+    cols = ", ".join(_q(c) for c in JOB_COLUMNS)
+    marks = ", ".join("?" for _ in JOB_COLUMNS)
+    conn.executemany(f"INSERT INTO job ({cols}) VALUES ({marks})",
+                     [[_encode(c, getattr(j, c)) for c in JOB_COLUMNS] for j in jobs])
+
+
+def update_job(conn: sqlite3.Connection, job: Job) -> Job:
+    """Save a job the caller read earlier, unless someone changed it since (compare-and-set on rev).
+
+    Returns the saved job with its new revision; raises ConflictError if the row moved on.
+    """
+    sets = ", ".join(f"{_q(c)} = ?" for c in RUN_SIDE_COLUMNS)
+    values = [_encode(c, getattr(job, c)) for c in RUN_SIDE_COLUMNS]
+    cur = conn.execute(f"UPDATE job SET {sets}, rev = rev + 1 WHERE id = ? AND rev = ?",
+                       [*values, job.id, job.rev])
+    if cur.rowcount != 1:
+        raise ConflictError(f"job {job.id} was changed by another process (expected revision {job.rev})")
+    return job.copy(rev=job.rev + 1)
+
+
+def save_job(conn: sqlite3.Connection, job: Job) -> Job:
+    """update_job in its own short transaction."""
+    with transaction(conn):
+        return update_job(conn, job)
+
+
+def get_job(conn: sqlite3.Connection, job_id: str) -> Job | None:
+    """One job by full id."""
+    row = conn.execute("SELECT * FROM job WHERE id = ?", (job_id,)).fetchone()
+    return job_from_row(row) if row else None
+
+
+def get_jobs(conn: sqlite3.Connection, ids: Iterable[str]) -> list[Job]:
+    """Jobs by full id, in the order given (unknown ids are left out)."""
+    ids = list(dict.fromkeys(ids))
+    found: dict[str, Job] = {}
+    for chunk in range(0, len(ids), 500):
+        part = ids[chunk:chunk + 500]
+        rows = conn.execute(f"SELECT * FROM job WHERE id IN ({','.join('?' * len(part))})", part)
+        found.update({r["id"]: job_from_row(r) for r in rows})
+    return [found[i] for i in ids if i in found]
+
+
+def active_jobs(conn: sqlite3.Connection) -> list[Job]:
+    """Pending and running jobs (uses the partial state index; never loads history)."""
+    rows = conn.execute("SELECT * FROM job WHERE state IN (?, ?) ORDER BY created_at, id", ACTIVE_STATES)
+    return [job_from_row(r) for r in rows]
+
+
+def jobs_for_request(conn: sqlite3.Connection, request_id: str) -> list[Job]:
+    """Every job of one request, oldest first."""
+    rows = conn.execute("SELECT * FROM job WHERE job_request_id = ? ORDER BY created_at, id", (request_id,))
+    return [job_from_row(r) for r in rows]
+
+
+def request_exists(conn: sqlite3.Connection, request_id: str) -> bool:
+    """Whether any job (or the request row) exists for this request id."""
+    return conn.execute("SELECT 1 FROM job WHERE job_request_id = ? UNION "
+                        "SELECT 1 FROM job_request WHERE id = ? LIMIT 1", (request_id, request_id)).fetchone() is not None
+
+
+def latest_jobs_by_action(conn: sqlite3.Connection, workspace: str) -> dict[str, Job]:
+    """The workspace state: per action, its newest job that is not cancelled and not `__error__`."""
+    rows = conn.execute(
+        "SELECT * FROM job WHERE workspace = ? AND action != '__error__' AND NOT cancelled "
+        "ORDER BY action, created_at, rowid", (workspace,))
+    latest: dict[str, Job] = {}
+    for row in rows:
+        latest[row["action"]] = job_from_row(row)
+    return latest
+
+
+def find_jobs(conn: sqlite3.Connection, *, states: Sequence[str] = (), codes: Sequence[str] = (),
+              workspaces: Sequence[str] = (), requests: Sequence[str] = (), actions: Sequence[str] = (),
+              since: int | None = None, limit: int | None = None) -> list[Job]:
+    """Jobs matching every given filter, newest first."""
+    where, args = [], []
+    for column, values in (("state", states), ("status_code", codes), ("workspace", workspaces),
+                           ("job_request_id", requests), ("action", actions)):
+        if values:
+            where.append(f"{column} IN ({','.join('?' * len(values))})")
+            args.extend(values)
+    if since is not None:
+        where.append("created_at >= ?")
+        args.append(since)
+    sql = "SELECT * FROM job" + (" WHERE " + " AND ".join(where) if where else "")
+    sql += " ORDER BY created_at DESC, id DESC"
+    if limit is not None:
+        sql += " LIMIT ?"
+        args.append(limit)
+    return [job_from_row(r) for r in conn.execute(sql, args)]
+
+
+def search_ids(conn: sqlite3.Connection, fragment: str, *, limit: int = 1000) -> list[Job]:
+    """Jobs whose id or request id contains the fragment (case-insensitive, no LIKE wildcards)."""
+    frag = fragment.lower()
+    rows = conn.execute("SELECT * FROM job WHERE instr(lower(id), ?) > 0 OR instr(lower(job_request_id), ?) > 0 "
+                        "ORDER BY created_at DESC, id LIMIT ?", (frag, frag, limit))
+    return [job_from_row(r) for r in rows]
+
+
+def set_cancelled(conn: sqlite3.Connection, request_id: str, actions: Iterable[str]) -> int:
+    """Flag a request's non-final jobs for these actions as cancelled (sync side); returns the count."""
+    actions = list(actions)
+    if not actions:
+        return 0
+    with transaction(conn):
+        cur = conn.execute(
+            f"UPDATE job SET cancelled = 1 WHERE job_request_id = ? AND NOT cancelled AND "
+            f"state IN (?, ?) AND action IN ({','.join('?' * len(actions))})",
+            [request_id, *ACTIVE_STATES, *actions])
+    return cur.rowcount
+
+
+def get_flag(conn: sqlite3.Connection, name: str) -> str | None:
+    """A backend-wide flag such as `paused`."""
+    row = conn.execute("SELECT value FROM flag WHERE name = ?", (name,)).fetchone()
+    return row[0] if row else None
+
+
+def set_flag(conn: sqlite3.Connection, name: str, value: str | None) -> None:
+    """Set (or with None, clear) a backend-wide flag."""
+    with transaction(conn):
+        if value is None:
+            conn.execute("DELETE FROM flag WHERE name = ?", (name,))
+        else:
+            conn.execute("INSERT OR REPLACE INTO flag (name, value, updated_at) VALUES (?, ?, strftime('%s','now'))",
+                         (name, value))
+
+
+def count_by(conn: sqlite3.Connection, column: str) -> list[tuple[str, str, int]]:
+    """(value, state, count) for a summary by `workspace` or `state`."""
+    if column not in ("workspace", "state", "status_code"):
+        raise ValueError(column)
+    return [tuple(r) for r in conn.execute(
+        f"SELECT {column}, state, COUNT(*) FROM job GROUP BY {column}, state ORDER BY {column}, state")]

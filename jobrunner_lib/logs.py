@@ -1,0 +1,104 @@
+"""Logging in the house format: `2021-07-21 18:54:58.792Z run  message tags` on stderr.
+
+Lines about a job carry `status= project= action= id= req=` tags (SPEC.md §8.1) when the call
+passes `extra={"job": job}`, so an operator can search four ID characters with `less`.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_COMPONENT = "jr"
+# Secrets that must never reach a log line, registered at start-up by whoever reads them.
+_SECRETS: set[str] = set()
+
+
+def register_secret(value: str | None) -> None:
+    """Mask this value (a token, a database URL) wherever it would appear in a log line."""
+    if value and len(value) >= 4:
+        _SECRETS.add(value)
+
+
+def mask(text: str) -> str:
+    """Replace every registered secret in text by `********`."""
+    for secret in _SECRETS:
+        if secret in text:
+            text = text.replace(secret, "********")
+    return text
+
+
+def job_tags(job: Any) -> str:
+    """`status=… project=… action=… id=… req=…` for a job-like object, each only when known."""
+    tags = []
+    code = getattr(job, "status_code", None)
+    if code:
+        tags.append(f"status={getattr(code, 'value', code)}")
+    for key, attr in (("project", "project"), ("action", "action"), ("id", "id"), ("req", "job_request_id")):
+        value = getattr(job, attr, None)
+        if value:
+            tags.append(f"{key}={value}")
+    return " ".join(tags)
+
+
+class JrFormatter(logging.Formatter):
+    """UTC time with milliseconds and `Z`, the component padded to 4, the message, then job tags."""
+
+    converter = time.gmtime
+
+    def __init__(self, component: str):
+        super().__init__()
+        self.component = component
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(record.created))
+        message = record.getMessage()
+        job = getattr(record, "job", None)
+        if job is not None:
+            message = f"{message} {job_tags(job)}"
+        elif getattr(record, "req", None):
+            message = f"{message} req={record.req}"
+        if record.exc_info:
+            message = f"{message}\n{self.formatException(record.exc_info)}"
+        component = getattr(record, "component", None) or self.component
+        return mask(f"{stamp}.{int(record.msecs):03d}Z {component:<4} {message}")
+
+
+def setup(component: str, level: str = "INFO", *, debug_log_file: Path | None = None,
+          stream: Any = None) -> None:
+    """Configure the root logger once for a tool: stderr at `level`, plus an optional DEBUG file."""
+    global _COMPONENT
+    _COMPONENT = component
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JrFormatter(component))
+    handler.setLevel(level)
+    root.addHandler(handler)
+    root.setLevel(level)
+    if debug_log_file is not None:
+        debug_log_file.parent.mkdir(parents=True, exist_ok=True)
+        rotating = logging.handlers.TimedRotatingFileHandler(debug_log_file, when="midnight", utc=True,
+                                                             backupCount=14)
+        rotating.setFormatter(JrFormatter(component))
+        rotating.setLevel(logging.DEBUG)
+        root.addHandler(rotating)
+        root.setLevel(logging.DEBUG)
+    for noisy in ("urllib3", "docker", "sh", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def component() -> str:
+    """The component name given to setup() (the tool's name, `run` or `sync`)."""
+    return _COMPONENT
+
+
+def one_line(text: str) -> str:
+    """Squash whitespace so an error fits one line."""
+    return re.sub(r"\s+", " ", text).strip()
