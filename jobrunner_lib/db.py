@@ -46,6 +46,7 @@ MIGRATIONS: list[str] = [
     ALTER TABLE job ADD COLUMN heartbeat_at REAL;
     ALTER TABLE job ADD COLUMN progress_at REAL;
     ALTER TABLE job ADD COLUMN error_detail TEXT;
+    ALTER TABLE job ADD COLUMN attempts INT NOT NULL DEFAULT 0;
     ALTER TABLE job ADD COLUMN rev INT NOT NULL DEFAULT 0;
     ALTER TABLE job_request ADD COLUMN created_at INT;
     CREATE INDEX idx_job__workspace_action ON job (workspace, action, created_at);
@@ -59,8 +60,10 @@ SCHEMA_VERSION = len(MIGRATIONS)
 JSON_COLUMNS = {"requires_outputs_from", "wait_for_job_ids", "output_spec", "outputs", "unmatched_outputs"}
 BOOL_COLUMNS = {"cancelled", "requires_db"}
 JOB_COLUMNS = [f.name for f in fields(Job)]
-# The run side never writes `cancelled` (sync owns it), so a cancel is never overwritten.
-RUN_SIDE_COLUMNS = [c for c in JOB_COLUMNS if c not in ("id", "cancelled", "rev")]
+# The run side never writes `cancelled` (sync owns it), so a cancel is never overwritten; liveness
+# columns are written only by touch(), so a heartbeat never races a lifecycle change.
+LIVENESS_COLUMNS = ("heartbeat_at", "progress_at")
+RUN_SIDE_COLUMNS = [c for c in JOB_COLUMNS if c not in ("id", "cancelled", "rev", *LIVENESS_COLUMNS)]
 ACTIVE_STATES = (State.PENDING.value, State.RUNNING.value)
 
 
@@ -201,6 +204,23 @@ def update_job(conn: sqlite3.Connection, job: Job) -> Job:
     if cur.rowcount != 1:
         raise ConflictError(f"job {job.id} was changed by another process (expected revision {job.rev})")
     return job.copy(rev=job.rev + 1)
+
+
+def touch(conn: sqlite3.Connection, job_id: str, *, heartbeat: float | None = None,
+          progress: float | None = None, refresh_updated_at: bool = False) -> None:
+    """Record a worker's liveness (and, at most once a minute, bump updated_at for the website)."""
+    sets, args = [], []
+    if heartbeat is not None:
+        sets.append("heartbeat_at = ?")
+        args.append(heartbeat)
+    if progress is not None:
+        sets.append("progress_at = ?")
+        args.append(progress)
+    if refresh_updated_at:
+        sets.append("updated_at = CASE WHEN updated_at < strftime('%s','now') - 59 "
+                    "THEN CAST(strftime('%s','now') AS INT) ELSE updated_at END")
+    if sets:
+        conn.execute(f"UPDATE job SET {', '.join(sets)} WHERE id = ?", [*args, job_id])
 
 
 def save_job(conn: sqlite3.Connection, job: Job) -> Job:

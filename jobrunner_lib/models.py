@@ -161,6 +161,7 @@ class Job:
     heartbeat_at: float | None = None
     progress_at: float | None = None
     error_detail: str | None = None
+    attempts: int = 0
     rev: int = 0
 
     @property
