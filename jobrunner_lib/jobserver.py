@@ -1,0 +1,573 @@
+"""Client for the jobs website API (SPEC §4): fetch active job requests, push job statuses."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from jobrunner_lib import __version__
+from jobrunner_lib.errors import ConfigError, JrError, TemporaryFailure
+
+if TYPE_CHECKING:
+    import requests
+
+log = logging.getLogger(__name__)
+
+JOB_REQUESTS_PATH = "job-requests/"
+JOBS_PATH = "jobs/"
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
+MAX_BACKOFF = 10.0
+MASK = "********"
+
+
+# The exceptions are JrErrors, so tools map them to STYLE.md exit codes without extra code:
+# auth -> 78 (ConfigError), unavailable -> 75 (TemporaryFailure), anything else -> 1.
+class JobServerError(JrError):
+    """Any failure talking to the jobs website."""
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class JobServerAuthError(JobServerError, ConfigError):
+    """The website refused the token (401/403): a configuration error."""
+
+
+class JobServerUnavailable(JobServerError, TemporaryFailure):
+    """Unreachable, timed out, 5xx after retries, or over the overall time limit: retry later."""
+
+
+class JobServerBadResponse(JobServerError):
+    """The website answered with a body that is not JSON or not the expected shape."""
+
+
+class JobServerRejected(JobServerError):
+    """The website rejected a POST with 400; `errors` holds its parsed error list."""
+
+    def __init__(self, message: str, errors: list[Any], *, status_code: int = 400) -> None:
+        super().__init__(message, status_code=status_code)
+        self.errors = errors
+
+
+# ---------------------------------------------------------------- pure wire encoding
+
+
+Kind = type | tuple[type, ...]
+
+
+def _require(obj: Mapping[str, Any], key: str, kind: Kind, where: str = "") -> Any:
+    name = f"{where}{key}"
+    if key not in obj or obj[key] is None:
+        raise ValueError(f"missing '{name}'")
+    value = obj[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # bool is an int subclass, but a JSON true is never a valid identifier
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        expected = " or ".join(k.__name__ for k in kinds)
+        raise ValueError(f"'{name}' must be {expected}, got {type(value).__name__}")
+    return value
+
+
+def _optional(obj: Mapping[str, Any], key: str, kind: Kind, default: Any, where: str = "") -> Any:
+    if obj.get(key) is None:
+        return default
+    return _require(obj, key, kind, where)
+
+
+def _str_list(obj: Mapping[str, Any], key: str, *, required: bool) -> list[str]:
+    if not required and obj.get(key) is None:
+        return []
+    values = _require(obj, key, list)
+    for value in values:
+        if not isinstance(value, str):
+            raise ValueError(f"'{key}' must be a list of strings, found {type(value).__name__}")
+    return list(values)
+
+
+def parse_job_request(obj: dict) -> dict:
+    """Normalise one wire job request (SPEC §4.3, window or today's shape) into SPEC §3.1's shape."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"not an object but {type(obj).__name__}")
+    identifier = _require(obj, "identifier", (str, int))
+    if str(identifier) == "":
+        raise ValueError("'identifier' is empty")
+    workspace = _require(obj, "workspace", dict)
+    # Today's server drops workspace.db for a top-level database_name; old servers only have db.
+    database_name = obj.get("database_name")
+    if not isinstance(database_name, str) or not database_name:
+        database_name = _optional(workspace, "db", str, "", "workspace.")
+    return {
+        "id": str(identifier),
+        "repo_url": _require(workspace, "repo", str, "workspace."),
+        "commit": _require(obj, "sha", str),
+        # A missing branch becomes "" so request validation (§5.8) fails it visibly as an
+        # __error__ job instead of the request being skipped where only the log shows it.
+        "branch": _optional(workspace, "branch", str, "", "workspace."),
+        "requested_actions": _str_list(obj, "requested_actions", required=True),
+        "cancelled_actions": _str_list(obj, "cancelled_actions", required=False),
+        "workspace": _require(workspace, "name", str, "workspace."),
+        "database_name": database_name,
+        "force_run_dependencies": _optional(obj, "force_run_dependencies", bool, False),
+        "codelists_ok": _optional(obj, "codelists_ok", bool, True),
+        "created_by": _optional(obj, "created_by", str, None),
+        "original": obj,
+    }
+
+
+def _wire_text(value: Any) -> str:
+    return "" if value is None else str(value.value if isinstance(value, Enum) else value)
+
+
+def _wire_time(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be unix seconds, got {type(value).__name__}")
+    # Whole seconds with a literal Z: the format the website has always received (SPEC §4.4).
+    return datetime.fromtimestamp(int(value), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def job_to_wire(job: Mapping[str, Any]) -> dict:
+    """Encode a job mapping as one item of the `POST jobs/` body (SPEC §4.4)."""
+    created_at = _wire_time(job.get("created_at"), "created_at")
+    if created_at is None:
+        raise ValueError(f"job {job.get('id')} has no created_at, which the website requires")
+    return {
+        "identifier": str(job["id"]),
+        "job_request_id": str(job["job_request_id"]),
+        "action": _wire_text(job["action"]),
+        "status": _wire_text(job["state"]),
+        "status_code": _wire_text(job.get("status_code")),
+        "status_message": _wire_text(job.get("status_message")),
+        "run_command": _wire_text(job.get("run_command")),
+        "created_at": created_at,
+        "updated_at": _wire_time(job.get("updated_at"), "updated_at"),
+        "started_at": _wire_time(job.get("started_at"), "started_at"),
+        "completed_at": _wire_time(job.get("completed_at"), "completed_at"),
+    }
+
+
+def group_contiguously(jobs: list[dict], batch_size: int) -> list[list[dict]]:
+    """Split jobs into batches keeping each request's jobs together and contiguous."""
+    # The website deletes a request's jobs missing from each consecutive run of that request in
+    # a POST (SPEC §4.4 rule 3), so a request must never be split within or across batches.
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    groups: dict[str, list[dict]] = {}
+    for job in jobs:
+        if "job_request_id" not in job:
+            raise ValueError(f"job {job.get('identifier', job.get('id'))} has no job_request_id")
+        groups.setdefault(job["job_request_id"], []).append(job)
+    batches: list[list[dict]] = []
+    current: list[dict] = []
+    for group in groups.values():
+        if current and len(current) + len(group) > batch_size:
+            batches.append(current)
+            current = []
+        current = current + group
+        if len(current) >= batch_size:
+            batches.append(current)
+            current = []
+    if current:
+        batches.append(current)
+    return batches
+
+
+# ---------------------------------------------------------------- HTTP edge
+
+
+def _remaining(deadline: float | None) -> float:
+    return math.inf if deadline is None else deadline - time.monotonic()
+
+
+@functools.cache
+def _deadline_classes() -> tuple[type, type]:
+    """Build (lazily, so importing this module stays cheap) urllib3 classes bound to a deadline."""
+    from urllib3.util.retry import Retry
+    from urllib3.util.timeout import Timeout
+
+    class DeadlineRetry(Retry):
+        # urllib3 retries inside one requests call, out of our sight; only the Retry object
+        # itself can stop it at the overall deadline and keep its sleeps inside it.
+        deadline: float | None = None
+
+        def new(self, **kw: Any) -> DeadlineRetry:
+            retry = super().new(**kw)
+            retry.deadline = self.deadline
+            return retry
+
+        def is_exhausted(self) -> bool:
+            return super().is_exhausted() or _remaining(self.deadline) <= 0
+
+        def get_backoff_time(self) -> float:
+            backoff = min(super().get_backoff_time(), MAX_BACKOFF)
+            return max(0.0, min(backoff, _remaining(self.deadline)))
+
+        def get_retry_after(self, response: Any) -> float | None:
+            after = super().get_retry_after(response)
+            return None if after is None else max(0.0, min(after, _remaining(self.deadline)))
+
+    class DeadlineTimeout(Timeout):
+        # urllib3 reads these properties afresh for every attempt, including its own retries,
+        # so each socket wait shrinks to the time left before the deadline.
+        deadline: float | None = None
+
+        def clone(self) -> DeadlineTimeout:
+            timeout = DeadlineTimeout(connect=self._connect, read=self._read, total=self.total)
+            timeout.deadline = self.deadline
+            return timeout
+
+        def _cap(self, value: Any) -> Any:
+            left = _remaining(self.deadline)
+            if left == math.inf:
+                return value
+            # never 0: a zero socket timeout means non-blocking, not "time out now"
+            left = max(left, 0.001)
+            return left if not isinstance(value, (int, float)) else min(value, left)
+
+        @property
+        def connect_timeout(self) -> Any:
+            return self._cap(super().connect_timeout)
+
+        @property
+        def read_timeout(self) -> Any:
+            return self._cap(super().read_timeout)
+
+    return DeadlineRetry, DeadlineTimeout
+
+
+class _BareTokenAuth:
+    """Send the bare token (SPEC §4.1); as session auth it also stops requests using ~/.netrc."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def __call__(self, request: Any) -> Any:
+        request.headers["Authorization"] = self._token
+        return request
+
+    def __repr__(self) -> str:
+        return f"_BareTokenAuth({MASK})"
+
+
+class JobServerClient:
+    """A thin client for the jobs website API; one instance per thread."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        token: str,
+        backend: str,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
+        total_limit: float = 60.0,
+        retries: int = 3,
+        backoff_factor: float = 0.5,
+        user_agent: str | None = None,
+    ) -> None:
+        # An empty token makes today's server return every backend's work (SPEC §4.7).
+        if not isinstance(token, str) or not token.strip():
+            raise ValueError("JOB_SERVER_TOKEN is empty; refusing to talk to the jobs website")
+        # A stray CR or space from an edited .env would otherwise surface as a 403 or as an
+        # InvalidHeader error that quotes the token.
+        if token != token.strip() or not token.isascii() or not token.isprintable():
+            raise ValueError(
+                "JOB_SERVER_TOKEN contains whitespace, control or non-ASCII characters"
+            )
+        self._token = token
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(
+                f"JOB_SERVER_ENDPOINT must be an http(s) URL, got {self._mask(endpoint)!r}"
+            )
+        if min(connect_timeout, read_timeout, total_limit) <= 0:
+            raise ValueError("connect_timeout, read_timeout and total_limit must be positive")
+        self.endpoint = endpoint if endpoint.endswith("/") else endpoint + "/"
+        self.backend = backend
+        self.connect_timeout = float(connect_timeout)
+        self.read_timeout = float(read_timeout)
+        self.total_limit = float(total_limit)
+        self.retries = int(retries)
+        self.backoff_factor = float(backoff_factor)
+
+        import requests
+        from requests.adapters import HTTPAdapter
+
+        self._requests = requests
+        self._session = requests.Session()
+        self._session.auth = _BareTokenAuth(token)
+        self._session.headers.update(
+            {"Accept": "application/json", "User-Agent": user_agent or f"jr/{__version__}"}
+        )
+        self._adapter = HTTPAdapter(max_retries=self._retry(None))
+        self._session.mount("http://", self._adapter)
+        self._session.mount("https://", self._adapter)
+
+    def __enter__(self) -> JobServerClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the HTTP session and its pooled connections."""
+        self._session.close()
+
+    # ------------------------------------------------------------ public calls
+
+    def fetch_job_requests(self) -> tuple[list[dict], list[str]]:
+        """Fetch every page of active job requests: (parsed requests, problems with bad ones)."""
+        deadline = time.monotonic() + self.total_limit
+        url: str | None = self._url(JOB_REQUESTS_PATH, {"backend": self.backend})
+        offset, pages, index = 0, 0, 0
+        found: list[dict] = []
+        problems: list[str] = []
+        seen: set[str] = set()
+        while url is not None:
+            response = self._request("GET", url, deadline)
+            self._check_status(response, "GET", url)
+            body = self._json(response, "GET", url)
+            if not isinstance(body, dict) or not isinstance(body.get("results"), list):
+                raise JobServerBadResponse(
+                    f"GET {self._display(url)}: expected an object with a 'results' list, "
+                    f"got {self._snippet(response)}"
+                )
+            pages += 1
+            for obj in body["results"]:
+                try:
+                    parsed = parse_job_request(obj)
+                except ValueError as exc:
+                    problems.append(self._mask(f"request {_label(obj, index)}: {exc}"))
+                else:
+                    # Offset paging shifts when a newer request arrives between pages, so the
+                    # same request can show up twice; the first sighting wins.
+                    if parsed["id"] not in seen:
+                        seen.add(parsed["id"])
+                        found.append(parsed)
+                index += 1
+            url, offset = self._next_page(body.get("next"), offset, url)
+        log.debug(
+            "fetched %d job requests in %d pages (%d malformed)", len(found), pages, len(problems)
+        )
+        return found, problems
+
+    def post_jobs(self, jobs: list[dict], *, batch_size: int = 200) -> None:
+        """POST wire-format jobs (see job_to_wire) in batches that never split a request."""
+        batches = group_contiguously(jobs, batch_size)
+        deadline = time.monotonic() + self.total_limit
+        url = self._url(JOBS_PATH)
+        for batch in batches:
+            body = json.dumps(batch).encode()
+            response = self._request("POST", url, deadline, body=body, count=len(batch))
+            if response.status_code == 400:
+                raise self._rejected(response, url, batch)
+            self._check_status(response, "POST", url)
+            self._json(response, "POST", url)
+
+    # ------------------------------------------------------------ internals
+
+    def _retry(self, deadline: float | None) -> Any:
+        retry_class, _ = _deadline_classes()
+        retry = retry_class(
+            total=self.retries,
+            backoff_factor=self.backoff_factor,
+            status_forcelist=RETRY_STATUSES,
+            # Posting statuses is idempotent (an upsert by identifier), so POST is safe to repeat.
+            allowed_methods=frozenset({"GET", "POST"}),
+            # Hand back the last 5xx response so the error can name its status.
+            raise_on_status=False,
+        )
+        retry.deadline = deadline
+        return retry
+
+    def _request(
+        self,
+        method: str,
+        url: str,
+        deadline: float,
+        *,
+        body: bytes | None = None,
+        count: int | None = None,
+    ) -> requests.Response:
+        left = deadline - time.monotonic()
+        shown = self._display(url)
+        if left <= 0:
+            raise JobServerUnavailable(
+                f"{method} {shown}: gave up, over the {self.total_limit:g}s time limit"
+            )
+        _, timeout_class = _deadline_classes()
+        timeout = timeout_class(
+            connect=min(self.connect_timeout, left), read=min(self.read_timeout, left)
+        )
+        timeout.deadline = deadline
+        # Swapped per call so urllib3's own retries see this call's deadline (hence one
+        # client per thread).
+        self._adapter.max_retries = self._retry(deadline)
+        headers = {"Content-Type": "application/json"} if body is not None else None
+        jobs = f" ({count} jobs)" if count is not None else ""
+        started = time.monotonic()
+        exceptions = self._requests.exceptions
+        try:
+            response = self._session.request(
+                method, url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+            )
+        except (exceptions.InvalidURL, exceptions.InvalidSchema, exceptions.InvalidHeader) as exc:
+            raise JobServerError(self._mask(f"{method} {shown}{jobs}: {_describe(exc)}")) from None
+        except exceptions.RequestException as exc:
+            elapsed = time.monotonic() - started
+            message = self._mask(
+                f"{method} {shown}{jobs} failed after {elapsed:.1f}s: {_describe(exc)}"
+            )
+            log.debug("%s", message)
+            # from None: the chained requests error could carry the URL's credentials
+            raise JobServerUnavailable(message) from None
+        elapsed = time.monotonic() - started
+        log.debug("%s %s%s -> %d in %.2fs", method, shown, jobs, response.status_code, elapsed)
+        return response
+
+    def _check_status(self, response: requests.Response, method: str, url: str) -> None:
+        status = response.status_code
+        if 200 <= status < 300:
+            return
+        where = f"{method} {self._display(url)}"
+        if status in (401, 403):
+            detail = _detail(response)
+            raise JobServerAuthError(
+                self._mask(
+                    f"{where}: the jobs website refused the token ({status}"
+                    f"{': ' + detail if detail else ''}); check JOB_SERVER_TOKEN"
+                ),
+                status_code=status,
+            )
+        if status >= 500:
+            raise JobServerUnavailable(
+                f"{where}: the jobs website answered {status} (after up to {self.retries} retries)",
+                status_code=status,
+            )
+        if 300 <= status < 400:
+            location = self._display(response.headers.get("Location", "?"))
+            raise JobServerError(
+                f"{where}: redirected ({status}) to {location}; check JOB_SERVER_ENDPOINT",
+                status_code=status,
+            )
+        raise JobServerError(
+            f"{where}: unexpected {status}: {self._snippet(response)}", status_code=status
+        )
+
+    def _json(self, response: requests.Response, method: str, url: str) -> Any:
+        try:
+            return json.loads(response.content)
+        except ValueError:
+            raise JobServerBadResponse(
+                f"{method} {self._display(url)}: {response.status_code} with a body that is not "
+                f"JSON: {self._snippet(response)}",
+                status_code=response.status_code,
+            ) from None
+
+    def _rejected(self, response: requests.Response, url: str, batch: list[dict]) -> Exception:
+        try:
+            parsed = json.loads(response.content)
+        except ValueError:
+            parsed = [response.text]
+        errors = parsed if isinstance(parsed, list) else [parsed]
+        items: list[str] = []
+        if len(errors) == len(batch) and all(isinstance(e, dict) for e in errors):
+            for job, error in zip(batch, errors, strict=True):
+                if error:
+                    fields = "; ".join(f"{k}: {_flatten(v)}" for k, v in error.items())
+                    items.append(
+                        f"job {job.get('identifier')} ({job.get('job_request_id')}) {fields}"
+                    )
+        else:
+            items = [_flatten(e) for e in errors]
+        more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+        message = (
+            f"POST {self._display(url)}: the jobs website rejected {len(batch)} jobs: "
+            + " | ".join(items[:5])
+            + more
+        )
+        return JobServerRejected(self._mask(message), errors)
+
+    def _next_page(self, link: Any, offset: int, current: str) -> tuple[str | None, int]:
+        if link is None:
+            return None, offset
+        if not isinstance(link, str):
+            raise JobServerBadResponse(f"GET {self._display(current)}: 'next' is not a URL")
+        # Only the paging parameters of `next` are used, on our own endpoint: the link carries
+        # the server's idea of its own host (wrong behind a proxy), and following it verbatim
+        # would send the token wherever a body pointed.
+        params = dict(parse_qsl(urlsplit(link).query))
+        try:
+            next_offset = int(params.get("offset", "0"))
+        except ValueError:
+            raise JobServerBadResponse(f"GET {self._display(current)}: bad 'next' link") from None
+        if next_offset <= offset:
+            raise JobServerBadResponse(
+                f"GET {self._display(current)}: 'next' link does not advance (offset {next_offset})"
+            )
+        params["backend"] = self.backend
+        return self._url(JOB_REQUESTS_PATH, params), next_offset
+
+    def _url(self, path: str, params: Mapping[str, Any] | None = None) -> str:
+        url = self.endpoint + path
+        return f"{url}?{urlencode(params)}" if params else url
+
+    def _mask(self, text: str) -> str:
+        for secret in (self._token, repr(self._token)[1:-1]):
+            text = text.replace(secret, MASK)
+        return text
+
+    def _display(self, url: str) -> str:
+        # Userinfo in the endpoint is a credential too; never show it.
+        parts = urlsplit(url)
+        if "@" in parts.netloc:
+            parts = parts._replace(netloc=MASK + "@" + parts.netloc.rsplit("@", 1)[1])
+        return self._mask(urlunsplit(parts))
+
+    def _snippet(self, response: requests.Response) -> str:
+        text = " ".join(response.text[:200].split())
+        return self._mask(repr(text) if text else "an empty body")
+
+
+def _label(obj: Any, index: int) -> str:
+    if isinstance(obj, dict):
+        identifier = obj.get("identifier")
+        if isinstance(identifier, (str, int)) and not isinstance(identifier, bool):
+            if str(identifier):
+                return str(identifier)
+    return f"#{index}"
+
+
+def _describe(exc: BaseException) -> str:
+    # requests wraps urllib3's MaxRetryError, which wraps the real cause: name that instead.
+    reason: Any = getattr(exc.args[0] if exc.args else None, "reason", None) or exc
+    if len(reason.args) > 1 and isinstance(reason.args[1], BaseException):
+        reason = reason.args[1]  # ProtocolError("Connection aborted.", ConnectionResetError(...))
+    return f"{type(reason).__name__}: {reason}"
+
+
+def _flatten(value: Any) -> str:
+    if isinstance(value, list):
+        return " ".join(_flatten(v) for v in value)
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_flatten(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _detail(response: requests.Response) -> str:
+    try:
+        body = json.loads(response.content)
+    except ValueError:
+        return ""
+    detail = body.get("detail") if isinstance(body, dict) else None
+    return detail if isinstance(detail, str) else ""

@@ -1,0 +1,32 @@
+"""Run the real bin/jr-* tools as subprocesses, the way an operator would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = ROOT / "bin"
+
+# Settings that must never leak from the developer's shell or .env into a test.
+_SCRUB = ("JOB_SERVER_ENDPOINT", "JOB_SERVER_TOKEN", "BACKEND", "HIGH_PRIVACY_STORAGE_BASE",
+          "MEDIUM_PRIVACY_STORAGE_BASE", "WORK_DIR", "LOGLEVEL", "MAX_WORKERS", "DEBUG_LOG_FILE",
+          "STATS_DATABASE_FILE", "USING_DUMMY_DATA_BACKEND")
+
+
+def tool_env(workdir: Path, **extra: str) -> dict[str, str]:
+    """An environment for a tool run: a private workdir, no .env, nothing inherited that matters."""
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+    env.update({"WORKDIR": str(workdir), "JR_ENV_FILE": str(workdir / "no.env"), "NO_COLOR": "1"})
+    env.update(extra)
+    return env
+
+
+def run(tool: str, *args: str, workdir: Path, input: str | None = None, timeout: float = 120,
+        **extra_env: str) -> subprocess.CompletedProcess[str]:
+    """Run bin/<tool> with the venv's python; capture stdout and stderr as text."""
+    return subprocess.run([sys.executable, str(BIN / tool), *args], input=input if input is not None else "",
+                          capture_output=True, text=True, timeout=timeout, env=tool_env(workdir, **extra_env),
+                          cwd=str(workdir.parent))

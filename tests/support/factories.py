@@ -1,0 +1,25 @@
+"""Small builders for requests and jobs in unit tests (no I/O)."""
+
+from __future__ import annotations
+
+import itertools
+
+from jobrunner_lib.ids import job_id, new_request_id
+from jobrunner_lib.models import Job, JobRequest, State, StatusCode, new_job
+
+_clock = itertools.count(1_700_000_000)
+
+
+def make_request(workspace: str = "ws", actions: list[str] | None = None, **kw) -> JobRequest:
+    """A job request with sensible defaults."""
+    return JobRequest(id=kw.pop("id", None) or new_request_id(), repo_url=kw.pop("repo_url", "/repos/study"),
+                      commit=kw.pop("commit", "c" * 40), branch="main", requested_actions=actions or ["run_all"],
+                      cancelled_actions=[], workspace=workspace, database_name="dummy", **kw)
+
+
+def make_job(request: JobRequest, action: str, state: State = State.PENDING, **kw) -> Job:
+    """A job of that request, each one created a second after the last."""
+    at = kw.pop("at", None) or next(_clock)
+    code = kw.pop("code", StatusCode.CREATED)
+    return new_job(job_id(request.id, action), request, action, state, code, kw.pop("message", "Created"),
+                   at=at, **kw)

@@ -1,0 +1,31 @@
+"""Shared pytest fixtures for jr's tests (loaded through tests/conftest.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.fake_jobserver import FakeJobServer
+
+
+@pytest.fixture
+def fake_jobserver(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeJobServer]:
+    """A running fake jobs website on loopback (token "secret-token", backend "test")."""
+    # An HTTP(S)_PROXY in the environment would otherwise route loopback calls to the proxy.
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
+    with FakeJobServer() as server:
+        yield server
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """A private WORKDIR (and no .env) for in-process library calls and tool runs."""
+    path = tmp_path / "workdir"
+    monkeypatch.setenv("WORKDIR", str(path))
+    monkeypatch.setenv("JR_ENV_FILE", str(tmp_path / "no.env"))
+    for name in ("JOB_SERVER_ENDPOINT", "JOB_SERVER_TOKEN", "BACKEND", "HIGH_PRIVACY_STORAGE_BASE",
+                 "MEDIUM_PRIVACY_STORAGE_BASE", "WORK_DIR", "DEBUG_LOG_FILE", "STATS_DATABASE_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    return path

@@ -1,0 +1,118 @@
+"""Configuration: defaults for the embedded mode, .env handling, and every error path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobrunner_lib.config import LOCAL_BACKEND, load_config, normalise_path, to_windows_path
+from jobrunner_lib.errors import EXIT_CONFIG, ConfigError
+
+
+def cfg(tmp_path: Path, **env: str):
+    return load_config(environ=env, env_file=tmp_path / "missing.env")
+
+
+def test_embedded_defaults_need_no_env_at_all(tmp_path):
+    config = cfg(tmp_path)
+    assert config.backend == LOCAL_BACKEND
+    assert config.using_dummy_data_backend is True
+    assert config.has_job_server is False
+    assert config.workdir.name == "workdir"
+    assert config.high_privacy_storage_base == config.workdir / "high_privacy"
+    assert config.medium_privacy_storage_base == config.workdir / "medium_privacy"
+    assert config.allow_local_repos is True
+    assert config.docker_registry == "jr-demo"
+    assert config.image_name("python:v1") == "jr-demo/python:v1"
+
+
+def test_production_backend_gets_spec_defaults(tmp_path):
+    config = cfg(tmp_path, BACKEND="tpp", JOB_SERVER_ENDPOINT="https://jobs.example.org/api/v2",
+                 JOB_SERVER_TOKEN="s3cret-token")
+    assert config.using_dummy_data_backend is False
+    assert config.allow_local_repos is False
+    assert config.docker_registry == "ghcr.io/opensafely-core"
+    assert config.git_proxy_host == "github-proxy.opensafely.org"
+    assert config.job_server_endpoint == "https://jobs.example.org/api/v2/"
+    assert "ehrql" in config.allowed_images
+
+
+def test_dotenv_is_read_and_real_environment_wins(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("BACKEND=fromfile\nPOLL_INTERVAL=7\nWORKDIR=relative/work\n")
+    config = load_config(environ={"BACKEND": "fromenv"}, env_file=env_file)
+    assert config.backend == "fromenv"
+    assert config.poll_interval == 7.0
+    assert config.workdir.is_absolute() and config.workdir.parts[-2:] == ("relative", "work")
+
+
+def test_legacy_work_dir_name_is_accepted(tmp_path):
+    assert cfg(tmp_path, WORK_DIR=str(tmp_path / "w")).workdir == tmp_path / "w"
+
+
+def test_dummy_data_flag_accepts_spec_truthy_values(tmp_path):
+    for value in ("true", "1", "YES"):
+        assert cfg(tmp_path, BACKEND="tpp", USING_DUMMY_DATA_BACKEND=value).using_dummy_data_backend
+
+
+@pytest.mark.parametrize(("env", "needle"), [
+    ({"BACKEND": "bad name"}, "BACKEND="),
+    ({"BACKEND": "-x"}, "BACKEND="),
+    ({"JOB_SERVER_ENDPOINT": "ftp://x"}, "JOB_SERVER_ENDPOINT="),
+    ({"JOB_SERVER_ENDPOINT": "https://jobs.example.org/api/v2/"}, "JOB_SERVER_TOKEN is empty"),
+    ({"JOB_SERVER_ENDPOINT": "https://jobs.example.org/api/v2/", "JOB_SERVER_TOKEN": "  "}, "JOB_SERVER_TOKEN is empty"),
+    ({"JOB_SERVER_ENDPOINT": "https://jobs.example.org/api/v2/", "JOB_SERVER_TOKEN": "token"}, "placeholder"),
+    ({"POLL_INTERVAL": "soon"}, "POLL_INTERVAL="),
+    ({"MAX_WORKERS": "-1"}, "MAX_WORKERS="),
+    ({"USING_DUMMY_DATA_BACKEND": "maybe"}, "USING_DUMMY_DATA_BACKEND="),
+    ({"LOGLEVEL": "LOUD"}, "LOGLEVEL="),
+    ({"PRESTO_TLS_CERT_PATH": "/x"}, "PRESTO_TLS_CERT_PATH and PRESTO_TLS_KEY_PATH"),
+    ({"JOB_MEMORY_LIMIT": "lots"}, "JOB_MEMORY_LIMIT="),
+    ({"ALLOWED_IMAGES": " , "}, "ALLOWED_IMAGES"),
+    ({"JOB_PIDS_LIMIT": "3"}, "JOB_PIDS_LIMIT="),
+])
+def test_invalid_settings_name_the_variable_and_exit_78(tmp_path, env, needle):
+    with pytest.raises(ConfigError) as info:
+        cfg(tmp_path, **env)
+    assert needle in str(info.value)
+    assert info.value.exit_code == EXIT_CONFIG
+    assert "\n" not in str(info.value)
+
+
+def test_presto_files_must_exist_and_their_contents_are_used(tmp_path):
+    with pytest.raises(ConfigError, match="PRESTO_TLS_CERT_PATH=.*cannot be read"):
+        cfg(tmp_path, PRESTO_TLS_CERT_PATH=str(tmp_path / "no"), PRESTO_TLS_KEY_PATH=str(tmp_path / "no"))
+    (tmp_path / "c").write_text("CERT")
+    (tmp_path / "k").write_text("KEY")
+    config = cfg(tmp_path, PRESTO_TLS_CERT_PATH=str(tmp_path / "c"), PRESTO_TLS_KEY_PATH=str(tmp_path / "k"))
+    assert (config.presto_tls_cert, config.presto_tls_key) == ("CERT", "KEY")
+
+
+def test_memory_limit_sizes(tmp_path):
+    assert cfg(tmp_path, JOB_MEMORY_LIMIT="16G").job_memory_limit == 16 * 2**30
+    assert cfg(tmp_path, JOB_MEMORY_LIMIT="512m").job_memory_limit == 512 * 2**20
+
+
+def test_database_urls_are_collected(tmp_path):
+    config = cfg(tmp_path, FULL_DATABASE_URL="mssql://x", SLICE_DATABASE_URL="")
+    assert dict(config.database_urls) == {"full": "mssql://x"}
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ("/e/high_privacy", "E:\\high_privacy"),
+    ("/e/high_privacy/workspaces", "E:\\high_privacy\\workspaces"),
+    ("E:\\high_privacy", "E:\\high_privacy"),
+    ("e:/high_privacy", "E:\\high_privacy"),
+    ("D:\\a//b", "D:\\a\\b"),
+    ("/c", "C:\\"),
+    ("\\\\server\\share\\x", "\\\\server\\share\\x"),
+    ("relative/dir", "relative\\dir"),
+])
+def test_windows_path_normaliser(given, expected):
+    assert to_windows_path(given) == expected
+
+
+def test_posix_paths_are_resolved_against_the_base(tmp_path):
+    assert normalise_path("sub/dir", base=tmp_path) == tmp_path / "sub" / "dir"
+    assert normalise_path(str(tmp_path)) == tmp_path
