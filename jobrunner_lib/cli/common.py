@@ -119,7 +119,10 @@ def write_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], fmt: s
 
 def read_tsv(text: str) -> list[dict[str, str]]:
     """Parse write_rows' tsv back (for tests and for tools reading each other's output)."""
-    lines = text.splitlines()
+    # Only "\n" ends a record: splitlines() would also split on \x1e, \x85 and friends.
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
     if not lines:
         return []
     header = lines[0].split("\t")

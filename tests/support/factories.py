@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 from jobrunner_lib.ids import job_id, new_request_id
-from jobrunner_lib.models import Job, JobRequest, State, StatusCode, new_job
+from jobrunner_lib.models import Job, JobRequest, State, StatusCode, new_job, transition
 
 _clock = itertools.count(1_700_000_000)
 
@@ -21,5 +21,9 @@ def make_job(request: JobRequest, action: str, state: State = State.PENDING, **k
     """A job of that request, each one created a second after the last."""
     at = kw.pop("at", None) or next(_clock)
     code = kw.pop("code", StatusCode.CREATED)
-    return new_job(job_id(request.id, action), request, action, state, code, kw.pop("message", "Created"),
-                   at=at, **kw)
+    message = kw.pop("message", "Created")
+    if state is State.RUNNING:  # only the state machine makes running jobs
+        job = new_job(job_id(request.id, action), request, action, State.PENDING, StatusCode.CREATED, "Created",
+                      at=at, **kw)
+        return transition(job, State.RUNNING, code, message, at=at)
+    return new_job(job_id(request.id, action), request, action, state, code, message, at=at, **kw)

@@ -1,0 +1,458 @@
+"""Study repos: fetch single commits into local bare repos and read code out of them.
+
+Each repo gets a bare repo `repos_dir/<name>.git` holding only the commits jobs asked for
+(depth 1, no branches, no tags except our own `fetched/<sha>` markers).
+"""
+
+import base64
+import io
+import logging
+import os
+import re
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+from urllib.parse import urlsplit, urlunsplit
+
+log = logging.getLogger(__name__)
+
+# Which runner executes git: None decides on first use. `sh` is slow to import and absent on
+# Windows, so it is imported lazily and plain subprocess takes over when it cannot import.
+_USE_SH: bool | None = None
+
+# Injectable so tests can check the back-off without sleeping.
+_sleep: Callable[[float], None] = time.sleep
+
+ATTEMPTS = 5
+MASK = "********"
+FETCHED_TAG_PREFIX = "refs/tags/fetched/"
+# git's magic number for "all of history" (see git's Documentation/technical/shallow.txt).
+_FULL_DEPTH = 2147483647
+_SHA_RE = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")
+
+# Config for every git call, on the command line so it beats any user or system config.
+_BASE_CONFIG = (
+    # Protocol v2's upload-pack serves any object it has, so a bare sha can be fetched from
+    # GitHub and from local/file:// repos alike, without uploadpack.allow*SHA1InWant there.
+    "protocol.version=2",
+    # Run auto-gc in the foreground: inside our repo lock, inside the process we reap.
+    "gc.autoDetach=false",
+    # Abort a stalled transfer (under 1 byte/s for 5 min) instead of hanging forever.
+    "http.lowSpeedLimit=1",
+    "http.lowSpeedTime=300",
+    # No stored credentials or credential-manager pop-ups: we supply our own token, or none.
+    "credential.helper=",
+    # An empty askpass (here and in GIT_ASKPASS) beats SSH_ASKPASS, so no dialog can pop up.
+    "core.askPass=",
+)
+# git must never prompt: there is nobody to answer.
+_BASE_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "", "GCM_INTERACTIVE": "never"}
+# Inherited from a parent git (e.g. a hook) these would redirect commands to another repo.
+_STRIP_ENV = re.compile(
+    r"GIT_(DIR|WORK_TREE|INDEX_FILE|OBJECT_DIRECTORY|ALTERNATE_OBJECT_DIRECTORIES|COMMON_DIR"
+    r"|NAMESPACE|PREFIX|CONFIG_PARAMETERS|CONFIG_COUNT|CONFIG_KEY_\d+|CONFIG_VALUE_\d+)"
+)
+# stderr of git/curl that means "network trouble, retry later" rather than "no such commit".
+_NETWORK_ERRORS = re.compile(
+    r"GnuTLS recv error|SSL_read: Connection was reset|Connection refused|Connection reset"
+    r"|Couldn't connect to server|Failed to connect to|unable to connect to|Could not resolve host"
+    r"|unable to look up|timed out|Operation too slow|RPC failed; curl"
+    r"|The requested URL returned error: 50[234]",
+    re.IGNORECASE,
+)
+
+
+_Result = subprocess.CompletedProcess
+
+
+class GitError(Exception):
+    """A git operation failed; the message is safe to show to users."""
+
+
+class GitNetworkError(GitError):
+    """The remote could not be reached after retries; try again later."""
+
+
+def repo_name(repo_url: str) -> str:
+    """Name of the local bare repo for a URL or path: its last segment without `.git`."""
+    name = re.split(r"[/\\]", repo_url.rstrip("/\\"))[-1]
+    name = name.removesuffix(".git")
+    # scp-like "host:repo" has no slash before the name
+    name = name.rsplit(":", 1)[-1]
+    if name in ("", ".", ".."):
+        raise GitError(f"Cannot name a local repo for {mask(repo_url)}")
+    return name
+
+
+def fetch_url(repo_url: str, proxy_host: str | None) -> str:
+    """URL to fetch from: `https://github.com/...` goes through the proxy host when one is set."""
+    parts = urlsplit(repo_url)
+    if proxy_host and parts.scheme == "https" and parts.hostname == "github.com":
+        return urlunsplit(parts._replace(netloc=proxy_host))
+    if _is_local(repo_url):
+        # git runs elsewhere (in the bare repo), so relative paths must be made absolute
+        return str(Path(repo_url).resolve())
+    return repo_url
+
+
+def mask(text: str, token: str | None = None) -> str:
+    """Text with the token, any Authorization header value and any URL password masked."""
+    if token:
+        text = text.replace(token, MASK)
+    text = re.sub(r"(Authorization:\s*\w+\s+)\S+", rf"\g<1>{MASK}", text, flags=re.IGNORECASE)
+    return re.sub(r"(://[^/@\s:]*:)[^/@\s]*@", rf"\g<1>{MASK}@", text)
+
+
+def _basic_auth(user: str, token: str) -> str:
+    return base64.b64encode(f"{user}:{token}".encode()).decode()
+
+
+def _is_local(repo_url: str) -> bool:
+    if "://" in repo_url:
+        return False
+    first = re.split(r"[/\\]", repo_url)[0]
+    # "host:path" is scp-like ssh; "C:" is a Windows drive
+    return ":" not in first or os.path.isabs(repo_url)
+
+
+def _auth_env(
+    fetch_url: str, token: str | None, backend: str, proxy_host: str | None
+) -> dict[str, str]:
+    """Environment that gives git our token, only for https to the proxy host."""
+    parts = urlsplit(fetch_url)
+    if not (token and proxy_host and parts.scheme == "https" and parts.netloc == proxy_host):
+        return {}
+    return _header_env(f"https://{proxy_host}/", f"jobrunner-{backend}", token)
+
+
+def _header_env(url_prefix: str, user: str, token: str) -> dict[str, str]:
+    # Config from the environment stays out of the process list (unlike `-c` or a URL) and the
+    # url-scoped key means git sends it to no other host.
+    return {
+        "GIT_CONFIG_COUNT": "1",
+        "GIT_CONFIG_KEY_0": f"http.{url_prefix}.extraHeader",
+        "GIT_CONFIG_VALUE_0": f"Authorization: Basic {_basic_auth(user, token)}",
+    }
+
+
+def _backend_sh():  # -> the `sh` module, or None for subprocess
+    global _USE_SH
+    if _USE_SH is False:
+        return None
+    try:
+        import sh
+    except ImportError:
+        if _USE_SH:
+            raise
+        _USE_SH = False
+        return None
+    _USE_SH = True
+    # sh logs every command and chunk at DEBUG/INFO, which would flood the debug log.
+    if logging.getLogger("sh").level == logging.NOTSET:
+        logging.getLogger("sh").setLevel(logging.WARNING)
+    return sh
+
+
+def _git(*args: str, env: dict[str, str] | None = None, input: bytes | None = None) -> _Result:
+    """Run git (via `sh`, or subprocess where `sh` is missing) and capture its output."""
+    argv, full_env = _command(args, env)
+    sh = _backend_sh()
+    if sh is None:
+        return subprocess.run(argv, env=full_env, input=input, capture_output=True)
+    try:
+        cmd = sh.Command("git")(
+            *argv[1:], _env=full_env, _in=input, _tty_out=False, _return_cmd=True,
+            _ok_code=list(range(256)),
+        )  # fmt: skip
+    except sh.ErrorReturnCode as e:  # killed by a signal
+        return _Result(argv, -1, e.stdout, e.stderr)
+    return _Result(argv, cmd.exit_code, cmd.stdout, cmd.stderr)
+
+
+def _git_stream(*args: str) -> IO[bytes]:
+    """Run git (via `sh`, or subprocess where `sh` is missing) and return its stdout as a stream."""
+    argv, env = _command(args, None)
+    sh = _backend_sh()
+    # git writes straight into a pipe we read from: back-pressure, no buffering in between.
+    # stderr goes to a file so a chatty git can never block on it.
+    read_fd, write_fd = os.pipe()
+    stderr = tempfile.TemporaryFile()
+    try:
+        if sh is None:
+            proc = subprocess.Popen(
+                argv, env=env, stdin=subprocess.DEVNULL, stdout=write_fd, stderr=stderr
+            )
+            wait = proc.wait
+        else:
+            cmd = sh.Command("git")(
+                *argv[1:], _env=env, _out=write_fd, _err=stderr, _bg=True, _bg_exc=False,
+                _ok_code=list(range(256)),
+            )  # fmt: skip
+
+            def wait() -> int:
+                try:
+                    return cmd.wait().exit_code
+                except sh.ErrorReturnCode:  # killed by a signal
+                    return -1
+    except BaseException:
+        os.close(read_fd)
+        stderr.close()
+        raise
+    finally:
+        os.close(write_fd)
+    return io.BufferedReader(_GitStream(read_fd, wait, stderr), buffer_size=1 << 16)
+
+
+def _command(args: tuple[str, ...], env: dict[str, str] | None) -> tuple[list[str], dict[str, str]]:
+    argv = ["git"]
+    for setting in _BASE_CONFIG:
+        argv += ["-c", setting]
+    argv += args
+    full_env = {k: v for k, v in os.environ.items() if not _STRIP_ENV.fullmatch(k)}
+    full_env.update(_BASE_ENV)
+    full_env.update(env or {})
+    log.debug("running %s", mask(" ".join(argv)))
+    return argv, full_env
+
+
+class _GitStream(io.RawIOBase):
+    """stdout of a running git; EOF checks its exit code, close() reaps it."""
+
+    def __init__(self, fd: int, wait: Callable[[], int], stderr: IO[bytes]):
+        self._fd, self._wait, self._stderr = fd, wait, stderr
+        self._reaped = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = os.read(self._fd, len(buffer))
+        buffer[: len(data)] = data
+        if not data and not self._reaped:
+            self._reaped = True
+            if (returncode := self._wait()) != 0:
+                self._stderr.seek(0)
+                detail = mask(self._stderr.read().decode(errors="replace").strip())
+                raise GitError(f"git exited with {returncode}: {detail}")
+        return len(data)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        os.close(self._fd)  # so a git still writing gets EPIPE and exits: no kill needed
+        if not self._reaped:
+            self._reaped = True
+            self._wait()
+        self._stderr.close()
+        super().close()
+
+
+def _repo_git(repo_dir: Path, *args: str) -> _Result:
+    # An explicit --git-dir stops git from walking up into an enclosing checkout.
+    return _git(f"--git-dir={repo_dir}", *args)
+
+
+def _check_sha(commit: str) -> None:
+    # Also keeps anything option-like off git's command line.
+    if not _SHA_RE.fullmatch(commit):
+        raise GitError(f"'{commit}' is not a full commit SHA")
+
+
+def _has_tag(repo_dir: Path, commit: str) -> bool:
+    if not (repo_dir / "HEAD").exists():
+        return False
+    result = _repo_git(repo_dir, "rev-parse", "-q", "--verify", FETCHED_TAG_PREFIX + commit)
+    return result.returncode == 0
+
+
+def _lock(repos_dir: Path, name: str):  # -> filelock.FileLock
+    import filelock  # slow to import; only fetching needs it
+
+    repos_dir.mkdir(parents=True, exist_ok=True)
+    return filelock.FileLock(str(repos_dir / f"{name}.git.lock"))
+
+
+def _init(repo_dir: Path) -> None:
+    # Re-running init is harmless, and repairs a repo whose first init was interrupted.
+    result = _git("init", "--bare", "--quiet", "--template=", str(repo_dir))
+    if result.returncode != 0:
+        raise GitError(f"Cannot create {repo_dir}: {result.stderr.decode(errors='replace')}")
+    # Highest-precedence attributes: `git archive` must give every file exactly as committed,
+    # like a checkout, whatever export-ignore/export-subst the study's .gitattributes says.
+    attributes = repo_dir / "info" / "attributes"
+    if not attributes.exists():
+        attributes.parent.mkdir(exist_ok=True)
+        attributes.write_text("* -export-ignore -export-subst\n")
+
+
+@dataclass
+class _Remote:
+    """A remote repo and how to reach it (proxy, token, retries)."""
+
+    repo_url: str
+    token: str | None
+    backend: str
+    proxy_host: str | None
+    retry_delay: float = 4.0
+
+    @property
+    def url(self) -> str:
+        return fetch_url(self.repo_url, self.proxy_host)
+
+    @property
+    def shown(self) -> str:
+        return mask(self.repo_url, self.token)
+
+    def run(self, *args: str, error: str) -> _Result:
+        """Run git against the remote, retrying network trouble with back-off."""
+        env = _auth_env(self.url, self.token, self.backend, self.proxy_host)
+        for attempt in range(1, ATTEMPTS + 1):
+            result = _git(*args, env=env)
+            if result.returncode == 0:
+                return result
+            detail = mask(result.stderr.decode(errors="replace").strip(), self.token)
+            log.warning("%s (attempt %d/%d): %s", error, attempt, ATTEMPTS, detail)
+            if not _NETWORK_ERRORS.search(detail):
+                raise GitError(error)
+            if attempt < ATTEMPTS:
+                _sleep(self.retry_delay * 2 ** (attempt - 1))
+        raise GitNetworkError(f"{error} (network error; this may work if you try again later)")
+
+    def ls(self, *patterns: str) -> dict[str, str]:
+        """Remote refs matching the patterns, as {ref: sha}."""
+        result = self.run(
+            "ls-remote", "--quiet", "--", self.url, *patterns,
+            error=f"Could not read from {self.shown}",
+        )  # fmt: skip
+        lines = result.stdout.decode().splitlines()
+        return {ref: sha for sha, _, ref in (line.partition("\t") for line in lines)}
+
+    def fetch(self, repo_dir: Path, commit: str, depth: int) -> None:
+        """Fetch one commit (and `depth`-1 ancestors) into repo_dir and mark it fetched."""
+        log.info("Fetching commit %s from %s (depth %d)", commit, self.shown, depth)
+        self.run(
+            f"--git-dir={repo_dir}", "fetch", "--no-tags", "--no-recurse-submodules",
+            f"--depth={depth}", "--", self.url, commit,
+            error=f"Error fetching commit {commit} from {self.shown}",
+        )  # fmt: skip
+        # Written only after a complete fetch: an interrupted one leaves no tag and is redone.
+        tag = _repo_git(repo_dir, "update-ref", FETCHED_TAG_PREFIX + commit, commit)
+        if tag.returncode != 0:
+            raise GitError(f"Cannot tag {commit} in {repo_dir}: {tag.stderr.decode()}")
+
+
+def ensure_commit(
+    repo_url: str,
+    commit: str,
+    *,
+    repos_dir: Path,
+    token: str | None = None,
+    backend: str = "expectations",
+    proxy_host: str | None = None,
+    retry_delay: float = 4.0,
+) -> Path:
+    """Make sure `commit` is in the local bare repo (no network if already fetched); return it."""
+    _check_sha(commit)
+    name = repo_name(repo_url)
+    repo_dir = Path(repos_dir) / f"{name}.git"
+    if _has_tag(repo_dir, commit):
+        return repo_dir
+    with _lock(Path(repos_dir), name):
+        if not _has_tag(repo_dir, commit):  # another process may have fetched it meanwhile
+            _init(repo_dir)
+            _Remote(repo_url, token, backend, proxy_host, retry_delay).fetch(repo_dir, commit, 1)
+    return repo_dir
+
+
+def resolve_ref(
+    repo_url: str,
+    ref: str,
+    *,
+    token: str | None = None,
+    backend: str = "expectations",
+    proxy_host: str | None = None,
+    retry_delay: float = 4.0,
+) -> str:
+    """The commit sha a remote branch or tag (or HEAD) points at."""
+    remote = _Remote(repo_url, token, backend, proxy_host, retry_delay)
+    refs = remote.ls(ref, f"{ref}^{{}}")
+    # A peeled annotated tag (`^{}`) is the commit; the tag itself is a tag object.
+    for candidate in (ref, f"refs/heads/{ref}", f"refs/tags/{ref}^{{}}", f"refs/tags/{ref}"):
+        if candidate in refs:
+            return refs[candidate]
+    raise GitError(f"Could not find ref '{ref}' in {remote.shown}")
+
+
+def tag_commit(
+    repo_url: str,
+    tag: str,
+    *,
+    repos_dir: Path | None = None,  # unused: accepted so callers can pass one set of options
+    token: str | None = None,
+    backend: str = "expectations",
+    proxy_host: str | None = None,
+    retry_delay: float = 4.0,
+) -> str:
+    """The commit a remote tag points at (for reusable actions); GitError if no such tag."""
+    remote = _Remote(repo_url, token, backend, proxy_host, retry_delay)
+    ref = f"refs/tags/{tag}"
+    refs = remote.ls(ref, f"{ref}^{{}}")
+    sha = refs.get(f"{ref}^{{}}") or refs.get(ref)
+    if sha is None:
+        raise GitError(f"Could not find tag '{tag}' in {remote.shown}")
+    return sha
+
+
+def commit_reachable_from(
+    repo_url: str,
+    commit: str,
+    branch: str,
+    *,
+    repos_dir: Path,
+    token: str | None = None,
+    backend: str = "expectations",
+    proxy_host: str | None = None,
+    retry_delay: float = 4.0,
+) -> bool:
+    """Whether `commit` is in the history of the remote `branch` (fetching only that branch)."""
+    _check_sha(commit)
+    remote = _Remote(repo_url, token, backend, proxy_host, retry_delay)
+    head = remote.ls(f"refs/heads/{branch}").get(f"refs/heads/{branch}")
+    if head is None:
+        raise GitError(f"Could not find branch '{branch}' in {remote.shown}")
+    if head == commit:  # the usual case: the request is for the branch head
+        return True
+    name = repo_name(repo_url)
+    repo_dir = Path(repos_dir) / f"{name}.git"
+    with _lock(Path(repos_dir), name):
+        _init(repo_dir)
+        # Usually a recent commit, so try the last few first; the full history can be big.
+        for depth in (10, _FULL_DEPTH):
+            remote.fetch(repo_dir, head, depth)
+            if _repo_git(repo_dir, "merge-base", "--is-ancestor", commit, head).returncode == 0:
+                return True
+    return False
+
+
+def read_file(repo_dir: Path, commit: str, path: str) -> bytes | None:
+    """Contents of `path` at `commit` in a local repo; None if there is no such file there."""
+    _check_commit_present(repo_dir, commit)
+    # The argument starts with the sha, so a path can never be taken for an option.
+    result = _repo_git(repo_dir, "cat-file", "blob", f"{commit}:{path}")
+    return result.stdout if result.returncode == 0 else None
+
+
+def archive(repo_dir: Path, commit: str) -> IO[bytes]:
+    """A stream of `git archive --format=tar` of `commit`; the caller must close it."""
+    _check_commit_present(repo_dir, commit)
+    return _git_stream(f"--git-dir={repo_dir}", "archive", "--format=tar", commit)
+
+
+def _check_commit_present(repo_dir: Path, commit: str) -> None:
+    _check_sha(commit)
+    if _repo_git(repo_dir, "cat-file", "-e", f"{commit}^{{commit}}").returncode != 0:
+        raise GitError(f"Commit {commit} is not in {repo_dir}")
