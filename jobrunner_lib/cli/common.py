@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sqlite3
 import sys
 import time
@@ -87,8 +88,13 @@ def parse_since(text: str, now: float | None = None) -> int:
     raise UsageError(f"--since {text!r}: expected an age like 30m, 2h, 7d or a date like 2021-11-03")
 
 
+_TSV_SPECIAL = re.compile(r"[\\\t\n\r]")
+
+
 def _tsv_cell(value: Any) -> str:
     text = "" if value is None else str(value)
+    if not _TSV_SPECIAL.search(text):
+        return text
     return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
@@ -103,9 +109,9 @@ def write_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], fmt: s
         for row in rows:
             out.write(json.dumps({c: row.get(c) for c in columns}) + "\n")
     elif fmt == "tsv":
-        out.write("\t".join(columns) + "\n")
-        for row in rows:
-            out.write("\t".join(_tsv_cell(row.get(c)) for c in columns) + "\n")
+        lines = ["\t".join(columns)]
+        lines.extend("\t".join([_tsv_cell(row.get(c)) for c in columns]) for row in rows)
+        out.write("\n".join(lines) + "\n")
     elif fmt == "table":
         from tabulate import tabulate  # lazily: only tables need it
 

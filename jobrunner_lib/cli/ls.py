@@ -6,6 +6,7 @@ import argparse
 import time
 
 from .. import db
+from ..errors import UsageError
 from ..models import State, StatusCode
 from .common import Context, Tool, human_age, iso, parse_since, run_tool
 
@@ -13,6 +14,8 @@ COLUMNS = ["id", "request", "workspace", "action", "state", "status_code", "stat
            "created_at", "updated_at"]
 TABLE_COLUMNS = ["id", "request", "workspace", "action", "state", "status_code", "age", "updated"]
 TABLE_LIMIT = 100
+DB_COLUMNS = ["id", "job_request_id", "workspace", "action", "state", "status_code", "status_message",
+              "created_at", "updated_at"]
 
 
 def _csv(value: str) -> list[str]:
@@ -48,43 +51,30 @@ class Ls(Tool):
         args = ctx.args
         for state in args.state:
             if state not in {s.value for s in State}:
-                from ..errors import UsageError
-
                 raise UsageError(f"--state {state!r}: expected one of {', '.join(s.value for s in State)}")
         for code in args.status_code:
             if code not in {c.value for c in StatusCode}:
-                from ..errors import UsageError
-
                 raise UsageError(f"--status-code {code!r} is unknown: e.g. {StatusCode.NONZERO_EXIT.value}")
         if args.summary:
             return self.summary(ctx)
         since = parse_since(args.since) if args.since else None
         limit = args.limit if args.limit is not None else (TABLE_LIMIT if ctx.output_format == "table" else 0)
-        if args.ids:
-            wanted = {j.id for j in ctx.resolve_jobs(args.ids)}
-            jobs = [j for j in db.find_jobs(ctx.conn, states=args.state, codes=args.status_code,
-                                            workspaces=args.workspace, requests=args.request,
-                                            actions=args.action, since=since) if j.id in wanted]
-            total = len(jobs)
-            jobs = jobs[:limit] if limit else jobs
-        else:
-            jobs = db.find_jobs(ctx.conn, states=args.state, codes=args.status_code, workspaces=args.workspace,
-                                requests=args.request, actions=args.action, since=since,
-                                limit=(limit + 1) if limit else None)
-            total = None if not limit or len(jobs) <= limit else -1
-            jobs = jobs[:limit] if limit else jobs
+        filters = dict(states=args.state, codes=args.status_code, workspaces=args.workspace,
+                       requests=args.request, actions=args.action, since=since,
+                       ids=[j.id for j in ctx.resolve_jobs(args.ids)] if args.ids else None)
+        found = db.find_jobs(ctx.conn, limit=(limit + 1) if limit else None, columns=DB_COLUMNS, **filters)
+        more = bool(limit) and len(found) > limit
+        found = found[:limit] if limit else found
         now = time.time()
-        rows, table_rows = [], []
-        for job in jobs:
-            code = job.status_code.value if job.status_code else ""
-            rows.append({"id": job.id, "request": job.job_request_id, "workspace": job.workspace,
-                         "action": job.action, "state": job.state.value, "status_code": code,
-                         "status_message": job.status_message or "", "created_at": iso(job.created_at),
-                         "updated_at": iso(job.updated_at)})
-            table_rows.append({**rows[-1], "age": human_age(now - job.created_at),
-                               "updated": human_age(now - job.updated_at) + " ago"})
+        rows = [{"id": r[0], "request": r[1], "workspace": r[2], "action": r[3], "state": r[4],
+                 "status_code": r[5] or "", "status_message": r[6] or "", "created_at": iso(r[7]),
+                 "updated_at": iso(r[8])} for r in found]
+        table_rows = None
+        if ctx.output_format == "table":
+            table_rows = [{**row, "age": human_age(now - r[7]), "updated": human_age(now - r[8]) + " ago"}
+                          for row, r in zip(rows, found, strict=True)]
         ctx.emit(rows, COLUMNS, table_rows=table_rows, table_columns=TABLE_COLUMNS)
-        if limit and total is not None and (total == -1 or total > limit):
+        if more:
             ctx.say(f"(showing the newest {limit}; --limit 0 shows all)")
         return 0
 

@@ -14,7 +14,8 @@ def make_request(workspace: str = "ws", actions: list[str] | None = None, **kw) 
     """A job request with sensible defaults."""
     return JobRequest(id=kw.pop("id", None) or new_request_id(), repo_url=kw.pop("repo_url", "/repos/study"),
                       commit=kw.pop("commit", "c" * 40), branch="main", requested_actions=actions or ["run_all"],
-                      cancelled_actions=[], workspace=workspace, database_name="dummy", **kw)
+                      cancelled_actions=[], workspace=workspace,
+                      database_name=kw.pop("database_name", "dummy"), **kw)
 
 
 def make_job(request: JobRequest, action: str, state: State = State.PENDING, **kw) -> Job:
