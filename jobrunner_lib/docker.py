@@ -1,0 +1,411 @@
+"""The one module that talks to Docker (through the Docker SDK, imported lazily).
+
+Owns the names and labels of every object jr creates (SPEC.md §6.3), and wraps each call with a
+timeout and with the error translations the run side relies on: "already exists", "no such" and
+"not running" are tolerated so every step can be repeated; "no space left on device" becomes a
+JobError; an unreachable daemon becomes DockerUnavailable (exit 75). Copies in and out are tar
+streams guarded against hangs (see tarstream.py).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from . import tarstream
+from .config import Config
+from .errors import TemporaryFailure
+
+# Every call but waits and copies gives up after this long (the old CLI wrapper's 300 s).
+TIMEOUT = 300.0
+WORKSPACE = "/workspace"
+MARKER = ".opensafely-timestamp"
+EXTRA_LABELS_ENV = "JR_EXTRA_LABELS"
+BROKEN_MESSAGE = "There was a (hopefully temporary) internal Docker error, please try the job again"
+
+_client: Any = None
+_client_lock = threading.Lock()
+
+
+class JobError(Exception):
+    """An expected failure of one job: it fails with `JobError: <message>` and the loop goes on."""
+
+
+class BrokenContainerError(JobError):
+    """A copy hung: the container may be unresponsive, so it must not be touched again."""
+
+    def __init__(self, message: str, container_name: str):
+        super().__init__(message)
+        self.container_name = container_name
+
+
+class DockerUnavailable(TemporaryFailure):
+    """The Docker daemon cannot be reached; retry later (exit 75)."""
+
+
+class DockerTimeout(Exception):
+    """A Docker call did not answer within its timeout (an internal error for the job)."""
+
+
+def container_name(job_id: str) -> str:
+    """The job's container: `os-job-<id>` (also its log directory name)."""
+    return f"os-job-{job_id}"
+
+
+def volume_name(job_id: str) -> str:
+    """The job's volume: `os-volume-<id>`."""
+    return f"os-volume-{job_id}"
+
+
+def helper_name(job_id: str) -> str:
+    """The stopped busybox container used to copy into, list and copy out of the volume."""
+    return f"{volume_name(job_id)}-manager"
+
+
+def labels(
+    backend: str, job_id: str, *, workspace: str | None = None, action: str | None = None
+) -> dict[str, str]:
+    """Labels for a job's Docker objects; job containers also get workspace and action."""
+    result = {"job-runner": "true", "org.jr.backend": backend, "org.jr.job-id": job_id}
+    if workspace is not None or action is not None:
+        result.update(
+            {"jobrunner-local": "true", "workspace": workspace or "", "action": action or ""}
+        )
+    result.update(extra_labels())
+    return result
+
+
+def extra_labels() -> dict[str, str]:
+    """Labels from JR_EXTRA_LABELS="k=v,k2=v2" (tests mark their objects so they can remove them)."""
+    result = {}
+    for item in os.environ.get(EXTRA_LABELS_ENV, "").split(","):
+        key, sep, value = item.strip().partition("=")
+        if key and sep:
+            result[key] = value
+    return result
+
+
+def client() -> Any:
+    """The process's Docker client (the SDK honours DOCKER_HOST and friends)."""
+    global _client
+    with _client_lock:
+        if _client is None:
+            import docker
+
+            try:
+                _client = docker.from_env(timeout=TIMEOUT)
+            except docker.errors.DockerException as exc:
+                raise DockerUnavailable(f"Docker is not available: {exc}") from None
+        return _client
+
+
+@contextmanager
+def _calls(what: str, *, missing_ok: bool = False, ok_if: tuple[str, ...] = ()) -> Iterator[None]:
+    """Translate SDK errors: daemon gone -> DockerUnavailable, disk full -> JobError.
+
+    missing_ok swallows "no such ..." (404); ok_if swallows errors whose text has one of the
+    phrases (e.g. "is not running"), so repeated steps need no special cases.
+    """
+    import docker
+    import requests
+
+    try:
+        yield
+    except docker.errors.APIError as exc:
+        text = str(exc).lower()
+        if "no space left on device" in text:
+            raise JobError("Out of disk space, please try again later") from exc
+        if (missing_ok and exc.status_code == 404) or any(p in text for p in ok_if):
+            return
+        raise
+    except requests.exceptions.Timeout:
+        raise DockerTimeout(f"Docker did not answer in time ({what})") from None
+    except requests.exceptions.ConnectionError as exc:
+        if "timed out" in str(exc).lower():  # how urllib3's read timeout usually surfaces
+            raise DockerTimeout(f"Docker did not answer in time ({what})") from None
+        raise DockerUnavailable(f"Docker is not available ({what}): {exc}") from None
+    except OSError as exc:
+        if exc.errno == 28:  # ENOSPC on our side of a copy
+            raise JobError("Out of disk space, please try again later") from exc
+        raise
+
+
+def ping() -> None:
+    """Check the daemon answers; raise DockerUnavailable if not."""
+    import docker
+
+    try:
+        with _calls("ping"):
+            client().api.ping()
+    except docker.errors.APIError as exc:
+        raise DockerUnavailable(f"Docker is not available: {exc}") from None
+
+
+def image_id(image: str) -> str | None:
+    """The local image's id (`sha256:…`), or None if it is not present."""
+    with _calls("inspect image", missing_ok=True):
+        return client().api.inspect_image(image)["Id"]
+    return None
+
+
+def image_exists(image: str) -> bool:
+    """Whether the image is present locally (jr never pulls while running jobs)."""
+    return image_id(image) is not None
+
+
+def create_volume(name: str, volume_labels: Mapping[str, str]) -> None:
+    """Create a volume; an existing one is fine (the step may be repeated)."""
+    with _calls("create volume"):
+        client().api.create_volume(name=name, labels=dict(volume_labels))
+
+
+def remove_volume(name: str) -> None:
+    """Remove a volume; a missing one is fine."""
+    with _calls("remove volume", missing_ok=True):
+        client().api.remove_volume(name, force=True)
+
+
+def volume_exists(name: str) -> bool:
+    """Whether the volume exists."""
+    with _calls("inspect volume", missing_ok=True):
+        return bool(client().api.inspect_volume(name))
+    return False
+
+
+def inspect_container(name: str) -> dict[str, Any] | None:
+    """`docker inspect` of a container, or None if there is no such container."""
+    with _calls("inspect container", missing_ok=True):
+        return client().api.inspect_container(name)
+    return None
+
+
+def _create(
+    name: str, image: str, command: list[str], host_config: dict[str, Any], **kwargs: Any
+) -> None:
+    # "already in use": created by an earlier attempt of this step, which is fine.
+    with _calls("create container", ok_if=("already in use",)):
+        client().api.create_container(
+            image, command, name=name, host_config=host_config, detach=True, **kwargs
+        )
+
+
+def create_helper(config: Config, job_id: str) -> str:
+    """Create (if missing) the stopped helper container with the volume at /workspace."""
+    name = helper_name(job_id)
+    api = client().api
+    host_config = api.create_host_config(
+        binds={volume_name(job_id): {"bind": WORKSPACE, "mode": "rw"}},
+        network_mode="none",
+        security_opt=["no-new-privileges"],
+        # Root only to read whatever the job wrote (even mode 000): nothing more than that.
+        cap_drop=["ALL"],
+        cap_add=["DAC_READ_SEARCH"],
+    )
+    _create(
+        name,
+        config.helper_image,
+        ["sh", "-c", tarstream.LIST_SCRIPT],
+        host_config,
+        labels=labels(config.backend, job_id),
+        working_dir=WORKSPACE,
+        user="0:0",
+    )
+    return name
+
+
+def create_job_container(
+    config: Config,
+    job_id: str,
+    image: str,
+    args: list[str],
+    *,
+    environment: Mapping[str, str],
+    network: str,
+    container_labels: Mapping[str, str],
+) -> str:
+    """Create (if missing) the locked-down job container; it is started by start_container."""
+    name = container_name(job_id)
+    api = client().api
+    limits: dict[str, Any] = {}
+    if config.job_memory_limit:
+        # Equal swap limit: no swap, so an out-of-memory job is killed (exit 137) instead of thrashing.
+        limits.update(mem_limit=config.job_memory_limit, memswap_limit=config.job_memory_limit)
+    if config.job_cpu_count:
+        limits["nano_cpus"] = int(config.job_cpu_count * 1e9)
+    host_config = api.create_host_config(
+        binds={volume_name(job_id): {"bind": WORKSPACE, "mode": "rw"}},
+        network_mode=network,
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+        pids_limit=config.job_pids_limit,
+        init=True,
+        **limits,
+    )
+    # Values travel in the API request body, never on a command line (SPEC.md §6.5).
+    _create(
+        name,
+        image,
+        args,
+        host_config,
+        labels=dict(container_labels),
+        working_dir=WORKSPACE,
+        user=config.job_user or "",
+        environment=dict(environment),
+    )
+    return name
+
+
+def start_container(name: str) -> None:
+    """Start a created container; one already running is fine."""
+    with _calls("start container"):
+        client().api.start(name)
+
+
+def wait_container(name: str, timeout: float | None) -> int | None:
+    """Wait up to timeout seconds for the container to stop; its exit code, or None if still running."""
+    import docker
+
+    try:
+        with _calls("wait container"):
+            return int(client().api.wait(name, timeout=timeout)["StatusCode"])
+    except DockerTimeout:
+        return None
+    except docker.errors.NotFound:
+        raise JobError("Job container has vanished") from None
+
+
+def kill_container(name: str) -> None:
+    """Kill a container; a missing or stopped one is fine."""
+    with _calls("kill container", missing_ok=True, ok_if=("is not running",)):
+        client().api.kill(name)
+
+
+def remove_container(name: str) -> None:
+    """Remove a container (killing it if needed); a missing one is fine."""
+    with _calls("remove container", missing_ok=True, ok_if=("is already in progress",)):
+        client().api.remove_container(name, force=True)
+
+
+def _label_filter(backend: str | None, job_id: str | None, extra: Mapping[str, str] | None) -> dict:
+    wanted = {
+        "job-runner": "true",
+        "org.jr.backend": backend,
+        "org.jr.job-id": job_id,
+        **(extra or {}),
+    }
+    return {"label": [f"{k}={v}" for k, v in wanted.items() if v is not None]}
+
+
+def list_containers(
+    backend: str | None = None, *, job_id: str | None = None, extra: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """Containers (running or not) carrying the job-runner label, optionally narrowed."""
+    with _calls("list containers"):
+        return client().api.containers(all=True, filters=_label_filter(backend, job_id, extra))
+
+
+def list_volumes(
+    backend: str | None = None, *, job_id: str | None = None, extra: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """Volumes carrying the job-runner label, optionally narrowed."""
+    with _calls("list volumes"):
+        return (
+            client().api.volumes(filters=_label_filter(backend, job_id, extra)).get("Volumes") or []
+        )
+
+
+def put_archive(
+    container: str,
+    path: str,
+    chunks: Iterable[bytes],
+    *,
+    progress: tarstream.Progress,
+    stall_timeout: float,
+    what: str,
+) -> None:
+    """Stream a tar into a container at path, abandoning it if it stops moving (BrokenContainerError)."""
+    data = tarstream.counted(chunks, progress)
+
+    def call() -> None:
+        with _calls(what):
+            client().api.put_archive(container, path, data)
+
+    _guarded(call, container, progress, stall_timeout, what)
+
+
+def copy_file_out(
+    container: str, path: str, dest: Path, *, progress: tarstream.Progress, stall_timeout: float
+) -> int:
+    """Copy one regular file out of a container to dest (temp file, then rename); its size."""
+    what = f"copy of {path} out of {container}"
+
+    def call() -> int:
+        with _calls(what):
+            stream, _stat = client().api.get_archive(container, path, chunk_size=tarstream.CHUNK)
+            try:
+                reader = tarstream.IterReader(stream, progress)
+                return tarstream.extract_one_file(reader, path.rsplit("/", 1)[-1], dest, progress)
+            finally:
+                getattr(stream, "close", lambda: None)()
+
+    return _guarded(call, container, progress, stall_timeout, what)
+
+
+def _guarded(
+    call: Any, container: str, progress: tarstream.Progress, stall_timeout: float, what: str
+) -> Any:
+    try:
+        return tarstream.run_guarded(call, progress, stall_timeout, what)
+    except tarstream.CopyStalled:
+        raise BrokenContainerError(
+            f"{BROKEN_MESSAGE} (the {what} stalled for {stall_timeout:g}s)", container
+        ) from None
+
+
+def list_volume_files(config: Config, job_id: str) -> list[tarstream.VolumeFile]:
+    """Every regular file in the job's volume with size and mtime, from one helper run."""
+    helper = helper_name(job_id)
+    info = inspect_container(helper)
+    if info is None or not info["State"].get("StartedAt", "0001-").startswith("0001-"):
+        # A helper's log accumulates over its runs, so one that has run before is replaced.
+        remove_container(helper)
+        create_helper(config, job_id)
+    with _calls("list volume"):
+        api = client().api
+        api.start(helper)
+        status = api.wait(helper)["StatusCode"]
+        out = api.logs(helper, stdout=True, stderr=False)
+        if status != 0:
+            err = api.logs(helper, stdout=False, stderr=True).decode(errors="replace")
+            raise RuntimeError(f"listing files in {helper} failed ({status}): {err.strip()}")
+    return tarstream.parse_listing(out)
+
+
+def container_logs(
+    name: str,
+    *,
+    follow: bool = False,
+    timestamps: bool = True,
+    tail: int | str = "all",
+    since: Any = None,
+) -> Iterator[bytes]:
+    """Stream a container's stdout+stderr (interleaved, optionally timestamped) in chunks."""
+    with _calls("container logs"):
+        yield from client().api.logs(
+            name, stream=True, follow=follow, timestamps=timestamps, tail=tail, since=since
+        )
+
+
+def container_stats(name: str) -> dict[str, Any] | None:
+    """One immediate stats sample of a running container, or None if it is gone or stopped."""
+    import docker
+
+    with _calls("container stats"):
+        try:
+            return client().api.stats(name, stream=False, one_shot=True)
+        except docker.errors.NotFound:
+            return None

@@ -1,0 +1,340 @@
+"""How a job is run: the Executor interface and its local Docker implementation.
+
+The worker drives a job through prepare -> execute -> finalize -> cleanup and re-derives where it
+is from `status()` alone, so an executor for another platform (a cluster) can be added without
+touching the run loop. Every step may be repeated after a crash: prepare starts from a fresh
+volume, execute tolerates a started container, finalize rewrites the same files.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sqlite3
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from . import docker, git, tarstream
+from .config import Config
+from .db import job_from_row
+from .docker import JobError
+from .models import Job, State, StatusCode, transition
+
+log = logging.getLogger(__name__)
+
+
+class ExecutorState(str, Enum):
+    """Where a job is, as far as the executor can tell."""
+
+    UNKNOWN = "unknown"  # nothing usable exists: prepare from scratch
+    PREPARED = "prepared"  # volume filled, container created but not started
+    EXECUTING = "executing"
+    EXECUTED = "executed"  # container stopped: finalize
+    ERROR = "error"  # the executor's objects are in a state it cannot use
+
+
+@dataclass
+class FinalResult:
+    """The outcome of finalizing a job, to be applied to the job row."""
+
+    state: State
+    status_code: StatusCode
+    message: str
+    completed_at: int
+    exit_code: int | None = None
+    image_id: str | None = None
+    outputs: dict[str, str] = field(default_factory=dict)
+    unmatched_outputs: list[str] | None = None
+
+
+def apply_result(job: Job, result: FinalResult) -> Job:
+    """The job moved to its final state as the result says (not saved)."""
+    return transition(
+        job,
+        result.state,
+        result.status_code,
+        result.message,
+        at=result.completed_at,
+        exit_code=result.exit_code,
+        image_id=result.image_id or job.image_id,
+        outputs=result.outputs,
+        unmatched_outputs=result.unmatched_outputs,
+    )
+
+
+class Executor(ABC):
+    """The steps of running one job somewhere; each must be safe to repeat."""
+
+    @abstractmethod
+    def prepare(self, job: Job) -> None:
+        """Get code and inputs in place and the job ready to start (JobError if it cannot be)."""
+
+    @abstractmethod
+    def execute(self, job: Job) -> None:
+        """Start the prepared job."""
+
+    @abstractmethod
+    def status(self, job: Job) -> ExecutorState:
+        """Where the job is, from the platform alone."""
+
+    @abstractmethod
+    def finalize(self, job: Job) -> FinalResult:
+        """Decide the outcome and write logs, metadata and outputs."""
+
+    @abstractmethod
+    def cleanup(self, job: Job) -> None:
+        """Remove everything the job left on the platform."""
+
+    @abstractmethod
+    def kill(self, job: Job) -> None:
+        """Stop a running job (cancellation); it then finalizes as usual."""
+
+    def wait(self, job: Job, timeout: float) -> bool:
+        """Wait up to timeout seconds for the job to stop running; True once it has."""
+        time.sleep(timeout)
+        return self.status(job) is not ExecutorState.EXECUTING
+
+
+def parse_run_command(run_command: str) -> tuple[str, list[str]]:
+    """`python:v1 analysis/x.sh a b` -> ("python:v1", ["analysis/x.sh", "a", "b"])."""
+    parts = shlex.split(run_command)
+    if not parts:
+        raise JobError("Job has no command to run")
+    return parts[0], parts[1:]
+
+
+def job_user_ids(job_user: str | None) -> tuple[int | None, int | None]:
+    """Numeric uid and gid to own the volume's files, or (None, None) to make them world-writable."""
+    if not job_user:
+        return None, None
+    uid, _, gid = job_user.partition(":")
+    if not uid.isdigit() or (gid and not gid.isdigit()):
+        return None, None
+    return int(uid), int(gid or uid)
+
+
+def job_environment(config: Config, job: Job, image: str) -> dict[str, str]:
+    """The job's environment (SPEC.md §6.5): secrets only where the job needs them."""
+    env = {"OPENSAFELY_BACKEND": config.backend}
+    if job.requires_db and not config.using_dummy_data_backend:
+        url = config.database_urls.get(job.database_name or "")
+        if not url:
+            raise JobError(f"Database {job.database_name} is not configured on this backend")
+        env["DATABASE_URL"] = url
+        optional = {
+            "TEMP_DATABASE_NAME": config.temp_database_name,
+            "EMIS_ORGANISATION_HASH": config.emis_organisation_hash,
+        }
+        env.update({k: v for k, v in optional.items() if v})
+        if config.presto_tls_cert and config.presto_tls_key:
+            env.update(PRESTO_TLS_CERT=config.presto_tls_cert, PRESTO_TLS_KEY=config.presto_tls_key)
+    if image.startswith("stata-mp") and config.stata_license:
+        env["STATA_LICENSE"] = config.stata_license  # never the string "None" when unset
+    return env
+
+
+def job_network(config: Config, job: Job) -> str:
+    """No network at all, except for database jobs on a real-data backend."""
+    if job.requires_db and not config.using_dummy_data_backend:
+        # DATABASE_NETWORK is the operator's network that reaches only the database; without it
+        # the job gets Docker's default bridge, as the old backend did.
+        return config.database_network or "bridge"
+    return "none"
+
+
+def latest_succeeded_job(
+    conn: sqlite3.Connection, workspace: str, action: str, exclude_id: str | None = None
+) -> Job | None:
+    """The newest succeeded job of an action in a workspace (whose outputs are on disk)."""
+    row = conn.execute(
+        "SELECT * FROM job WHERE workspace = ? AND action = ? AND state = 'succeeded' AND id != ? "
+        "ORDER BY created_at DESC, rowid DESC LIMIT 1",
+        (workspace, action, exclude_id or ""),
+    ).fetchone()
+    return job_from_row(row) if row else None
+
+
+class LocalDockerExecutor(Executor):
+    """Runs each job in a locked-down container on the local Docker engine."""
+
+    def __init__(
+        self, config: Config, conn: sqlite3.Connection, progress: tarstream.Progress | None = None
+    ):
+        self.config = config
+        self.conn = conn
+        self.progress = progress or tarstream.Progress()
+        # Filled by the worker from its stats sampler, read by finalize for metadata.json.
+        self.resource_usage: dict[str, dict[str, Any]] = {}
+
+    def status(self, job: Job) -> ExecutorState:
+        """From the job container: none -> unknown, created -> prepared, then executing/executed."""
+        info = docker.inspect_container(docker.container_name(job.id))
+        if info is None:
+            return ExecutorState.UNKNOWN
+        state = info["State"]["Status"]
+        if state == "created":
+            return ExecutorState.PREPARED
+        if state in ("running", "paused", "restarting"):
+            return ExecutorState.EXECUTING
+        if state == "exited":
+            return ExecutorState.EXECUTED
+        return ExecutorState.ERROR  # dead or being removed
+
+    def prepare(self, job: Job) -> None:
+        """Fresh volume with code, inputs and the marker; then create (not start) the container."""
+        image, args = parse_run_command(job.run_command)
+        full_image = self.config.image_name(image)
+        # Checked first, so a missing image fails the job before any copying.
+        if not docker.image_exists(full_image):
+            log.info(
+                f"Image not found, may need to run: docker pull {full_image}", extra={"job": job}
+            )
+            raise JobError(f"Docker image {image} is not currently available")
+        environment = job_environment(self.config, job, image)
+        inputs = self._input_files(job)
+
+        # Whatever an interrupted attempt left behind is half-filled: start again from nothing.
+        docker.remove_container(docker.helper_name(job.id))
+        docker.remove_volume(docker.volume_name(job.id))
+        docker.create_volume(docker.volume_name(job.id), docker.labels(self.config.backend, job.id))
+        helper = docker.create_helper(self.config, job.id)
+
+        repo_url = job.action_repo_url or job.repo_url
+        commit = job.action_commit or job.commit or ""
+        try:
+            repo_dir = git.ensure_commit(
+                repo_url,
+                commit,
+                repos_dir=self.config.repos_dir,
+                token=self.config.private_repo_access_token,
+                backend=self.config.backend,
+                proxy_host=self.config.git_proxy_host,
+            )
+            code = git.archive(repo_dir, commit)
+        except git.GitError as exc:
+            raise JobError(str(exc)) from exc
+        try:
+            docker.put_archive(
+                helper,
+                "/",
+                self._volume_tar(job, repo_url, commit, code, inputs),
+                progress=self.progress,
+                stall_timeout=self.config.copy_stall_timeout,
+                what=f"copy of code and inputs into {helper}",
+            )
+        finally:
+            # After an abandoned copy the stalled thread may still be reading: leave it the stream.
+            if not self.progress.abandoned.is_set():
+                code.close()
+
+        docker.create_job_container(
+            self.config,
+            job.id,
+            full_image,
+            args,
+            environment=environment,
+            network=job_network(self.config, job),
+            container_labels=docker.labels(
+                self.config.backend, job.id, workspace=job.workspace, action=job.action
+            ),
+        )
+
+    def _input_files(self, job: Job) -> dict[str, tuple[str, Path]]:
+        """path -> (action, file) for every output of every needed action; JobError if one is missing."""
+        from . import outputs
+
+        workspace = self.high_workspace(job.workspace)
+        files: dict[str, tuple[str, Path]] = {}
+        for action in job.requires_outputs_from:
+            producer = latest_succeeded_job(self.conn, job.workspace, action)
+            if producer is None:
+                raise JobError(
+                    f"No successful run of action {action} in workspace {job.workspace} "
+                    "to take inputs from"
+                )
+            for path in sorted(producer.outputs or {}):
+                source = workspace / path
+                if (
+                    not outputs.is_safe_relative_path(path)
+                    or not source.is_file()
+                    or source.is_symlink()
+                ):
+                    raise JobError(
+                        f"The file {path} doesn't exist in workspace {job.workspace} "
+                        f"as requested for job {job.id}"
+                    )
+                files[path] = (action, source)
+        return files
+
+    def _volume_tar(
+        self, job: Job, repo_url: str, commit: str, code: Any, inputs: dict[str, tuple[str, Path]]
+    ) -> Iterator[bytes]:
+        """One tar stream, extracted at `/`: the volume root, code, inputs, then the marker."""
+        uid, gid = job_user_ids(self.config.job_user)
+        root = docker.WORKSPACE.strip("/")
+        # The root entry hands the volume's top directory to the job user (extracting "." does not).
+        yield tarstream.dir_entry(root, uid=uid, gid=gid)
+        log.info(f"Copying in code from {repo_url}@{commit}", extra={"job": job})
+        yield from tarstream.rewrite_tar(
+            code, prefix=root, uid=uid, gid=gid, progress=self.progress
+        )
+        made: set[str] = set()
+        for path, (action, source) in inputs.items():
+            log.info(f"Copying input file {action}: {path}", extra={"job": job})
+            parts = path.split("/")[:-1]
+            for depth in range(
+                1, len(parts) + 1
+            ):  # a tar may create the parents docker cp could not
+                parent = "/".join(parts[:depth])
+                if parent not in made:
+                    made.add(parent)
+                    yield tarstream.dir_entry(f"{root}/{parent}", uid=uid, gid=gid)
+            yield from tarstream.file_entry(
+                source, f"{root}/{path}", uid=uid, gid=gid, progress=self.progress
+            )
+        # Last, so its presence means everything before it arrived; its mtime dates new files.
+        yield tarstream.bytes_entry(
+            f"{root}/{docker.MARKER}", b"jr\n", uid=uid, gid=gid, mtime=time.time()
+        )
+        yield tarstream.end_of_archive()
+
+    def execute(self, job: Job) -> None:
+        """Start the container created by prepare."""
+        name = docker.container_name(job.id)
+        docker.start_container(name)
+        log.info("Started", extra={"job": job})
+        log.info(f"View live logs using: docker logs -f {name}", extra={"job": job})
+
+    def wait(self, job: Job, timeout: float) -> bool:
+        """Block on the container (its exit is noticed at once, not on the next poll)."""
+        return docker.wait_container(docker.container_name(job.id), timeout) is not None
+
+    def kill(self, job: Job) -> None:
+        """Kill the job's container (its logs stay for finalize)."""
+        docker.kill_container(docker.container_name(job.id))
+
+    def finalize(self, job: Job) -> FinalResult:
+        """See finalize.finalize_job."""
+        from .finalize import finalize_job
+
+        return finalize_job(self, job)
+
+    def cleanup(self, job: Job) -> None:
+        """Remove the job container, the helper and the volume."""
+        log.info("Cleaning up container and volume", extra={"job": job})
+        docker.remove_container(docker.container_name(job.id))
+        docker.remove_container(docker.helper_name(job.id))
+        docker.remove_volume(docker.volume_name(job.id))
+
+    def high_workspace(self, workspace: str) -> Path:
+        """`$HIGH/workspaces/<workspace>`."""
+        return self.config.high_privacy_storage_base / "workspaces" / workspace
+
+    def medium_workspace(self, workspace: str) -> Path:
+        """`$MEDIUM/workspaces/<workspace>`."""
+        return self.config.medium_privacy_storage_base / "workspaces" / workspace

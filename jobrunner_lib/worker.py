@@ -1,0 +1,317 @@
+"""A job's worker: `python -m jobrunner_lib.worker JOB_ID` drives one claimed job to its end.
+
+Started detached by the run pass after the claim. It re-derives where the job is from the
+executor (no container: prepare; running: wait; exited: finalize), so it can be killed at any
+moment and simply started again. Exactly one worker per job: a second one finds the job's lock
+held and exits quietly. While it works it writes a heartbeat every few seconds, so the pass can
+tell a stalled worker from a busy one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+from . import db, docker, logs, stats, tarstream
+from .config import Config, load_config
+from .docker import BrokenContainerError, DockerUnavailable, JobError
+from .errors import (
+    EXIT_CONFIG,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_TEMPFAIL,
+    EXIT_USAGE,
+    ConfigError,
+    ConflictError,
+)
+from .executor import Executor, ExecutorState, LocalDockerExecutor, apply_result
+from .finalize import iso
+from .models import Job, Msg, State, StatusCode, transition
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 3.0
+# Longest wait on the container between looks at the job row (cancellation, jr-kill).
+WAIT_SLICE = 2.0
+FAULT_ENV = "JR_FAULT"
+FAULT_STEPS = ("prepare", "execute", "finalize", "cleanup")
+
+
+class _NotOurs(Exception):
+    """The job row moved on without us (killed by an operator, reset): stop touching it."""
+
+
+def _fault(step: str) -> None:
+    """Test-only fault injection: JR_FAULT=<step> makes that step fail unexpectedly."""
+    if os.environ.get(FAULT_ENV) == step:
+        raise RuntimeError(f"{FAULT_ENV}={step}: injected fault")
+
+
+class Heartbeat:
+    """A thread recording that the worker is alive (and when copies last moved) every few seconds."""
+
+    def __init__(
+        self,
+        config: Config,
+        job_id: str,
+        progress: tarstream.Progress,
+        interval: float = HEARTBEAT_INTERVAL,
+    ):
+        self.config, self.job_id, self.progress, self.interval = config, job_id, progress, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat {job_id}", daemon=True)
+
+    def start(self) -> Heartbeat:
+        """Beat once now, then in the background."""
+        self._conn = db.connect(self.config.db_path, migrate=False)  # one connection per thread
+        self.beat()
+        self._thread.start()
+        return self
+
+    def beat(self) -> None:
+        """Write heartbeat_at (and progress_at, and at most once a minute updated_at)."""
+        db.touch(
+            self._conn,
+            self.job_id,
+            heartbeat=time.time(),
+            progress=self.progress.last_moved,
+            refresh_updated_at=True,
+        )
+
+    def stop(self) -> None:
+        """Stop beating."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._conn.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.beat()
+            except Exception:  # a busy database must not kill the worker; the next beat retries
+                log.warning("Heartbeat failed for job %s", self.job_id, exc_info=True)
+
+
+class Driver:
+    """Moves one running job through its steps; every write is compare-and-set on the job row."""
+
+    def __init__(self, config: Config, conn: sqlite3.Connection, executor: Executor, job: Job):
+        self.config, self.conn, self.executor, self.job = config, conn, executor, job
+
+    def run(self) -> Job:
+        """Drive the job to a final state (or until it is no longer ours); return it."""
+        try:
+            return self._steps()
+        except _NotOurs:
+            current = db.get_job(self.conn, self.job.id)
+            log.info(
+                "Job was changed by someone else; leaving it", extra={"job": current or self.job}
+            )
+            return current or self.job
+
+    def _steps(self) -> Job:
+        phase = "starting"
+        try:
+            while True:
+                job = self.refresh()
+                state = self.executor.status(job)
+                if state in (ExecutorState.UNKNOWN, ExecutorState.PREPARED) and job.cancelled:
+                    return self.finish_early(StatusCode.CANCELLED_BY_USER, Msg.CANCELLED)
+                if state is ExecutorState.UNKNOWN:
+                    if (
+                        job.status_code in (StatusCode.EXECUTING, StatusCode.FINALIZING)
+                        or job.status_message == Msg.RETRYING
+                    ):
+                        raise JobError("Job container has vanished")
+                    self.set_step(StatusCode.PREPARING, Msg.PREPARING)
+                    _fault("prepare")
+                    self.executor.prepare(self.job)
+                elif state is ExecutorState.PREPARED:
+                    _fault("execute")
+                    self.executor.execute(self.job)
+                    self.set_step(StatusCode.EXECUTING, Msg.RUNNING)
+                elif state is ExecutorState.EXECUTING:
+                    phase = "running"
+                    self.set_step(StatusCode.EXECUTING, Msg.RUNNING)
+                    self.wait()
+                elif state is ExecutorState.EXECUTED:
+                    phase = "finalizing"
+                    self.set_step(StatusCode.FINALIZING, Msg.FINALIZING)
+                    _fault("finalize")
+                    result = self.executor.finalize(self.job)
+                    final = self.save(lambda j, r=result: apply_result(j, r))
+                    log.info(final.status_message, extra={"job": final})
+                    self.cleanup(final)
+                    return final
+                else:
+                    raise RuntimeError(f"container of job {job.id} is in a state we cannot use")
+        except _NotOurs:
+            raise
+        except BrokenContainerError as exc:
+            # The container may hang every call made to it: touch nothing, tell jr-prune.
+            log.error(f"Copy stalled, container left alone: {exc}", extra={"job": self.job})
+            db.set_flag(
+                self.conn, f"hung:{exc.container_name}", f"{self.job.id} {iso(time.time())}"
+            )
+            return self.finish_early(
+                StatusCode.JOB_ERROR, f"BrokenContainerError: {exc}", clean=False
+            )
+        except JobError as exc:
+            log.info(f"Job failed: {exc}", extra={"job": self.job})
+            return self.finish_early(StatusCode.JOB_ERROR, f"{type(exc).__name__}: {exc}")
+        except DockerUnavailable:
+            raise  # the job stays as it is; the pass starts another worker later
+        except Exception as exc:
+            message = {
+                "starting": Msg.INTERNAL_STARTING,
+                "finalizing": Msg.INTERNAL_FINALIZING,
+            }.get(phase, Msg.INTERNAL)
+            log.exception(
+                f"{message} (container and volume kept for jr-retry)", extra={"job": self.job}
+            )
+            return self.finish_early(
+                StatusCode.INTERNAL_ERROR,
+                message,
+                clean=False,
+                error_detail=logs.one_line(f"{type(exc).__name__}: {exc}"),
+            )
+
+    def refresh(self) -> Job:
+        """Re-read the job; _NotOurs if it is no longer running."""
+        job = db.get_job(self.conn, self.job.id)
+        if job is None or job.state is not State.RUNNING:
+            raise _NotOurs()
+        self.job = job
+        return job
+
+    def save(self, change: Callable[[Job], Job]) -> Job:
+        """Apply change to the job and save it, re-reading and re-applying after a lost race."""
+        for _ in range(20):
+            try:
+                self.job = db.save_job(self.conn, change(self.job))
+                return self.job
+            except ConflictError:
+                self.refresh()
+        raise RuntimeError(f"could not save job {self.job.id}: it keeps changing")
+
+    def set_step(self, code: StatusCode, message: str) -> None:
+        """Record the step in progress (logged when it changes)."""
+        if self.job.status_code is code and self.job.status_message == message:
+            return
+        self.save(lambda j: transition(j, State.RUNNING, code, message))
+        log.info(message, extra={"job": self.job})
+
+    def wait(self) -> None:
+        """Wait for the container to stop, sampling its stats and killing it if cancelled."""
+        sampler = stats.Sampler(
+            docker.container_name(self.job.id),
+            self.job.id,
+            self.config.stats_poll_interval,
+            self.config.stats_database_file,
+        ).start()
+        killed = False
+        try:
+            while not self.executor.wait(self.job, WAIT_SLICE):
+                job = self.refresh()
+                if job.cancelled and not killed:
+                    log.info("Cancellation requested, killing job", extra={"job": job})
+                    self.executor.kill(job)
+                    killed = True
+        finally:
+            usage = getattr(self.executor, "resource_usage", None)
+            summary = sampler.stop()
+            if usage is not None:
+                usage[self.job.id] = summary
+
+    def finish_early(
+        self, code: StatusCode, message: str, *, clean: bool = True, error_detail: str | None = None
+    ) -> Job:
+        """Fail the job without finalizing (cancelled before start, JobError, internal error)."""
+        final = self.save(
+            lambda j: transition(j, State.FAILED, code, message, error_detail=error_detail)
+        )
+        log.info(message, extra={"job": final})
+        if clean:
+            self.cleanup(final)
+        return final
+
+    def cleanup(self, job: Job) -> None:
+        """Remove the job's Docker objects; a failure here leaves them for jr-prune."""
+        try:
+            _fault("cleanup")
+            self.executor.cleanup(job)
+        except Exception:
+            log.exception("Cleanup failed; leaving the objects for jr-prune", extra={"job": job})
+
+
+def drive_job(config: Config, job_id: str, executor: Executor | None = None) -> Job | None:
+    """Drive one claimed job to its end in this process (what `python -m` runs); return the job."""
+    import filelock
+
+    conn = db.connect(config.db_path)
+    lock_path = config.workdir / "locks" / f"job-{job_id}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(lock_path), timeout=0)
+    try:
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            log.info(f"Another worker is driving job {job_id}; exiting")
+            return db.get_job(conn, job_id)
+        try:
+            job = db.get_job(conn, job_id)
+            if job is None or job.state is not State.RUNNING:
+                log.info(
+                    f"Job {job_id} is not running; nothing to do", extra={"job": job} if job else {}
+                )
+                return job
+            if executor is None:
+                executor = LocalDockerExecutor(config, conn)
+            progress = getattr(executor, "progress", None) or tarstream.Progress()
+            heartbeat = Heartbeat(config, job_id, progress).start()
+            try:
+                return Driver(config, conn, executor, job).run()
+            finally:
+                heartbeat.stop()
+        finally:
+            lock.release()
+    finally:
+        conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: `python -m jobrunner_lib.worker JOB_ID`; exit 75 if Docker is unavailable."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: python -m jobrunner_lib.worker JOB_ID", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        print(f"worker: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logs.setup("run", config.loglevel, debug_log_file=config.debug_log_file)
+    for secret in (
+        config.job_server_token,
+        config.private_repo_access_token,
+        *config.database_urls.values(),
+    ):
+        logs.register_secret(secret)
+    try:
+        drive_job(config, args[0])
+    except DockerUnavailable as exc:
+        log.error(f"{exc}; job {args[0]} left as it is for the next worker")
+        return EXIT_TEMPFAIL
+    except Exception:
+        log.exception(f"Worker for job {args[0]} crashed")
+        return EXIT_INTERNAL
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
