@@ -248,7 +248,8 @@ def get_jobs(conn: sqlite3.Connection, ids: Iterable[str]) -> list[Job]:
 
 def active_jobs(conn: sqlite3.Connection) -> list[Job]:
     """Pending and running jobs (uses the partial state index; never loads history)."""
-    rows = conn.execute("SELECT * FROM job WHERE state IN (?, ?) ORDER BY created_at, id", ACTIVE_STATES)
+    # Spelled exactly like the partial index's condition so SQLite uses it (IN (?, ?) scans the table).
+    rows = conn.execute("SELECT * FROM job WHERE state NOT IN ('failed', 'succeeded') ORDER BY created_at, id")
     return [job_from_row(r) for r in rows]
 
 
