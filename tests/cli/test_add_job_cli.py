@@ -1,0 +1,120 @@
+"""jr-add-job on real git repos made by the test: output, exit codes, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobrunner_lib import db
+from tests.support.cli import run
+from tests.support.studies import SIMPLE_PROJECT, commit_files, git, make_study
+
+
+@pytest.fixture
+def study(tmp_path):
+    repo, sha = make_study(tmp_path / "study")
+    return tmp_path / "workdir", repo, sha
+
+
+def job_count(workdir):
+    path = workdir / "db.sqlite"
+    return db.connect(path).execute("SELECT COUNT(*) FROM job").fetchone()[0] if path.exists() else 0
+
+
+def test_run_all_creates_every_action_and_prints_the_jobs(study):
+    workdir, repo, sha = study
+    result = run("jr-add-job", str(repo), workdir=workdir)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "id\trequest\tworkspace\taction\tstate\tstatus_code\tstatus_message"
+    assert [line.split("\t")[3:5] for line in lines[1:]] == [["extract", "pending"], ["model", "pending"],
+                                                              ["report", "pending"]]
+    assert "Created 3 new jobs req=" in result.stderr
+    assert job_count(workdir) == 3
+
+
+def test_ids_output_pipes_into_jr_ls(study):
+    workdir, repo, _ = study
+    ids = run("jr-add-job", str(repo), "model", "-o", "ids", "--workspace", "w1", workdir=workdir).stdout
+    assert len(ids.split()) == 2
+    listed = run("jr-ls", "-o", "ids", "-", workdir=workdir, input=ids)
+    assert sorted(listed.stdout.split()) == sorted(ids.split())
+
+
+def test_branch_and_commit_select_what_runs(study):
+    workdir, repo, sha = study
+    git(repo, "checkout", "-q", "-b", "other")
+    other = commit_files(repo, SIMPLE_PROJECT, message="other")
+    out = run("jr-add-job", str(repo), "extract", "--branch", "other", "-o", "jsonl", workdir=workdir)
+    assert out.returncode == 0, out.stderr
+    conn = db.connect(workdir / "db.sqlite")
+    assert conn.execute('SELECT "commit" FROM job').fetchone()[0] == other
+    out = run("jr-add-job", str(repo), "extract", "--commit", sha, "--workspace", "b", workdir=workdir)
+    assert out.returncode == 0
+    assert conn.execute("SELECT \"commit\" FROM job WHERE workspace = 'b'").fetchone()[0] == sha
+
+
+def test_dry_run_validates_and_writes_nothing(study):
+    workdir, repo, _ = study
+    result = run("jr-add-job", "--dry-run", str(repo), workdir=workdir)
+    assert result.returncode == 0
+    assert "dry run: project.yaml is valid; 3 job(s) would be created" in result.stderr
+    assert len(result.stdout.splitlines()) == 4
+    assert job_count(workdir) == 0
+
+
+def test_invalid_project_lists_every_problem_and_exits_1(study):
+    workdir, repo, _ = study
+    bad = SIMPLE_PROJECT.replace("needs: [extract]", "needs: [nothere]").replace("r:v1 analysis", "r analysis")
+    commit_files(repo, bad)
+    result = run("jr-add-job", "--dry-run", str(repo), workdir=workdir)
+    assert result.returncode == 1 and result.stdout == ""
+    assert "nothere" in result.stderr and "must have a version specified" in result.stderr
+    assert result.stderr.rstrip().splitlines()[-1] == (
+        f"jr-add-job: {repo}: project.yaml is invalid (2 problems); nothing was submitted")
+    assert "Traceback" not in result.stderr and job_count(workdir) == 0
+
+
+def test_invalid_yaml_syntax(study):
+    workdir, repo, _ = study
+    commit_files(repo, "version: '5'\nactions:\n  a: [unclosed\n")
+    result = run("jr-add-job", str(repo), workdir=workdir)
+    assert result.returncode == 1 and "line" in result.stderr and "Traceback" not in result.stderr
+    assert job_count(workdir) == 0
+
+
+def test_missing_project_yaml(study):
+    workdir, repo, _ = study
+    commit_files(repo, None)
+    result = run("jr-add-job", str(repo), workdir=workdir)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"jr-add-job: JobRequestError: No project.yaml file found in {repo}"
+    assert job_count(workdir) == 0
+
+
+def test_unknown_action(study):
+    workdir, repo, _ = study
+    result = run("jr-add-job", str(repo), "nope", workdir=workdir)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "jr-add-job: UnknownActionError: Action 'nope' not found in project.yaml")
+    assert job_count(workdir) == 0
+
+
+def test_unknown_commit(study):
+    workdir, repo, _ = study
+    result = run("jr-add-job", str(repo), "--commit", "e" * 40, workdir=workdir)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(f"jr-add-job: GitError: Error fetching commit {'e' * 40}")
+    assert job_count(workdir) == 0
+
+
+def test_short_commit_is_a_usage_error(study):
+    workdir, repo, sha = study
+    result = run("jr-add-job", str(repo), "--commit", sha[:7], workdir=workdir)
+    assert result.returncode == 2 and "full 40-character sha" in result.stderr
+
+
+def test_missing_repository_path(tmp_path):
+    result = run("jr-add-job", str(tmp_path / "nowhere"), workdir=tmp_path / "w")
+    assert result.returncode == 2
+    assert result.stderr == f"jr-add-job: repository '{tmp_path / 'nowhere'}' does not exist\n"
