@@ -46,6 +46,56 @@ _jr_complete() {
         --output) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
         -o) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
       esac ;;
+    jr-watch-logs)
+      opts="-h --help --version -v --verbose -q --quiet --pick -t --timestamps --tail --since --no-follow"
+      valued=" --tail --since "
+      ids=1
+      case "$prev" in
+      esac ;;
+    jr-mount)
+      opts="-h --help --version -v --verbose -q --quiet --pick"
+      valued="  "
+      ids=1
+      case "$prev" in
+      esac ;;
+    jr-kill)
+      opts="-h --help --version -v --verbose -q --quiet -o --output --pick -y --yes -n --dry-run --cleanup"
+      valued=" -o --output "
+      ids=1
+      case "$prev" in
+        --output) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
+        -o) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
+      esac ;;
+    jr-retry)
+      opts="-h --help --version -v --verbose -q --quiet -o --output --pick -y --yes -n --dry-run"
+      valued=" -o --output "
+      ids=1
+      case "$prev" in
+        --output) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
+        -o) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
+      esac ;;
+    jr-reboot-prep)
+      opts="-h --help --version -v --verbose -q --quiet -o --output -y --yes -n --dry-run --drain --resume --timeout --force"
+      valued=" -o --output --timeout "
+      ids=0
+      case "$prev" in
+        --output) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
+        -o) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
+      esac ;;
+    jr-pull-image)
+      opts="-h --help --version -v --verbose -q --quiet"
+      valued="  "
+      ids=0
+      case "$prev" in
+      esac ;;
+    jr-prune)
+      opts="-h --help --version -v --verbose -q --quiet -o --output -y --yes -n --dry-run --include-failed --older-than"
+      valued=" -o --output --older-than "
+      ids=0
+      case "$prev" in
+        --output) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
+        -o) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
+      esac ;;
     *) return 0 ;;
   esac
   if [[ "$cur" == -* ]]; then
@@ -70,4 +120,4 @@ _jr_complete() {
   fi
   return 0
 }
-complete -F _jr_complete jr-ls jr-add-job jr-sync jr-run-once
+complete -F _jr_complete jr-ls jr-add-job jr-sync jr-run-once jr-watch-logs jr-mount jr-kill jr-retry jr-reboot-prep jr-pull-image jr-prune
