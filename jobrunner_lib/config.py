@@ -89,6 +89,16 @@ class Config:
         return self.workdir / "temp"
 
     @property
+    def run_lock_path(self) -> Path:
+        """Held by whoever runs a pass of the run loop (one at a time)."""
+        return self.workdir / ".run.lock"
+
+    @property
+    def wake_path(self) -> Path:
+        """Touched when a job ends, so the service loop passes again at once instead of sleeping."""
+        return self.workdir / ".wake"
+
+    @property
     def internal_log_file(self) -> Path:
         """Where tracebacks of internal errors are written (the one-line error names it)."""
         return self.workdir / "logs" / "internal-errors.log"

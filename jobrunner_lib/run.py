@@ -450,3 +450,30 @@ class _Pass:
                 message,
             )
         )
+
+
+def after_job(config: Config) -> None:
+    """A job just ended: start what it unblocked now rather than a poll interval later.
+
+    Runs one pass if no one else is (the run lock is free), and always touches the wake file so
+    the service loop syncs the new state and passes again without sleeping.
+    """
+    from filelock import FileLock, Timeout
+
+    try:
+        config.wake_path.touch()
+    except OSError:
+        pass
+    lock = FileLock(str(config.run_lock_path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return
+    try:
+        conn = db.connect(config.db_path)
+        try:
+            run_pass(config, conn)
+        finally:
+            conn.close()
+    finally:
+        lock.release()

@@ -303,7 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     ):
         logs.register_secret(secret)
     try:
-        drive_job(config, args[0])
+        job = drive_job(config, args[0])
+        if job is not None and job.state.is_final:
+            from .run import after_job  # lazily: only when a job ended here
+
+            after_job(config)
     except DockerUnavailable as exc:
         log.error(f"{exc}; job {args[0]} left as it is for the next worker")
         return EXIT_TEMPFAIL

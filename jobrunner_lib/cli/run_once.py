@@ -63,7 +63,7 @@ Prints one row per job state change. Exit 75 if another pass holds the lock or D
         config = ctx.config
         assert config is not None
         config.workdir.mkdir(parents=True, exist_ok=True)
-        lock_path = config.workdir / ".run.lock"
+        lock_path = config.run_lock_path
         lock = FileLock(str(lock_path))
         try:
             lock.acquire(timeout=0)
