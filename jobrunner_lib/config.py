@@ -65,6 +65,7 @@ class Config:
     job_user: str | None = "1000:1000"
     copy_stall_timeout: float = 120.0
     worker_stall_timeout: float = 300.0
+    status_refresh_interval: float = 60.0
     database_urls: Mapping[str, str] = field(default_factory=dict)
     database_network: str | None = None
     temp_database_name: str | None = None
@@ -296,6 +297,7 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
         job_user=job_user,
         copy_stall_timeout=r.number("COPY_STALL_TIMEOUT", 120.0, minimum=1.0),
         worker_stall_timeout=r.number("WORKER_STALL_TIMEOUT", 300.0, minimum=1.0),
+        status_refresh_interval=r.number("STATUS_REFRESH_INTERVAL", 60.0, minimum=1.0),
         database_urls=database_urls,
         database_network=r.str("DATABASE_NETWORK"),
         temp_database_name=r.str("TEMP_DATABASE_NAME"),

@@ -207,8 +207,8 @@ def update_job(conn: sqlite3.Connection, job: Job) -> Job:
 
 
 def touch(conn: sqlite3.Connection, job_id: str, *, heartbeat: float | None = None,
-          progress: float | None = None, refresh_updated_at: bool = False) -> None:
-    """Record a worker's liveness (and, at most once a minute, bump updated_at for the website)."""
+          progress: float | None = None, refresh_updated_at: bool = False, refresh_after: int = 60) -> None:
+    """Record a worker's liveness (and, once `refresh_after` seconds old, bump updated_at for the website)."""
     sets, args = [], []
     if heartbeat is not None:
         sets.append("heartbeat_at = ?")
@@ -217,8 +217,9 @@ def touch(conn: sqlite3.Connection, job_id: str, *, heartbeat: float | None = No
         sets.append("progress_at = ?")
         args.append(progress)
     if refresh_updated_at:
-        sets.append("updated_at = CASE WHEN updated_at < strftime('%s','now') - 59 "
+        sets.append("updated_at = CASE WHEN updated_at <= CAST(strftime('%s','now') AS INT) - ? "
                     "THEN CAST(strftime('%s','now') AS INT) ELSE updated_at END")
+        args.append(max(1, int(refresh_after)))
     if sets:
         conn.execute(f"UPDATE job SET {', '.join(sets)} WHERE id = ?", [*args, job_id])
 

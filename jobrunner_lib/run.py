@@ -34,7 +34,6 @@ MAX_ATTEMPTS = 3
 CONFLICT_RETRIES = 3
 WORKER_DIED = "Internal error: the job's worker died 3 times; see the run log"
 # The website flags a job as stale after 30 minutes without an update (SPEC.md §3.7).
-REFRESH_SECONDS = 60
 # /proc start times are derived from an integer boot time, so allow for rounding.
 START_TIME_TOLERANCE = 1.0
 
@@ -323,9 +322,10 @@ class _Pass:
     def wait(self, job: Job, code: StatusCode, message: str) -> None:
         """Keep a job pending with this status, writing only when it changes."""
         if job.status_code is code and job.status_message == message:
-            if self.now() - job.updated_at >= REFRESH_SECONDS:
+            if self.now() - job.updated_at >= self.config.status_refresh_interval:
                 # Keeps the website's "last updated" fresh without a revision bump.
-                db.touch(self.conn, job.id, refresh_updated_at=True)
+                db.touch(self.conn, job.id, refresh_updated_at=True,
+                         refresh_after=int(self.config.status_refresh_interval))
             return
         self.save(job, State.PENDING, code, message)
 

@@ -81,6 +81,7 @@ class Heartbeat:
             heartbeat=time.time(),
             progress=self.progress.last_moved,
             refresh_updated_at=True,
+            refresh_after=int(self.config.status_refresh_interval),
         )
 
     def stop(self) -> None:

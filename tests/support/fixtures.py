@@ -29,3 +29,26 @@ def workdir(tmp_path, monkeypatch: pytest.MonkeyPatch):
                  "MEDIUM_PRIVACY_STORAGE_BASE", "WORK_DIR", "DEBUG_LOG_FILE", "STATS_DATABASE_FILE"):
         monkeypatch.delenv(name, raising=False)
     return path
+
+
+def remove_labelled(label: str) -> None:
+    """Remove every container and volume carrying `key=value` (only this test's own objects)."""
+    from jobrunner_lib import docker as jr_docker
+
+    client = jr_docker.client()
+    for container in client.containers.list(all=True, filters={"label": label}):
+        container.remove(force=True)
+    for volume in client.volumes.list(filters={"label": label}):
+        volume.remove(force=True)
+
+
+@pytest.fixture
+def docker_label():
+    """A unique `org.jr.test=<uuid>` label for JR_EXTRA_LABELS; its objects are removed afterwards."""
+    import uuid
+
+    label = f"org.jr.test={uuid.uuid4().hex}"
+    try:
+        yield label
+    finally:
+        remove_labelled(label)

@@ -1,0 +1,69 @@
+"""End to end with real Docker: a request on the (test) jobs website runs, and the website sees it."""
+
+from __future__ import annotations
+
+import calendar
+import subprocess
+import time
+import pytest
+
+from tests.support.cli import ROOT, tool_env
+from tests.support.studies import make_study
+
+PROJECT = """\
+version: "5"
+actions:
+  slow:
+    run: python:v1 analysis/slow.sh
+    outputs:
+      moderately_sensitive:
+        out: output/slow.txt
+  quick:
+    run: python:v1 analysis/quick.sh
+    needs: [slow]
+    outputs:
+      highly_sensitive:
+        out: output/quick.csv
+  broken:
+    run: python:v1 analysis/broken.sh
+    outputs:
+      moderately_sensitive:
+        out: output/never.txt
+"""
+FILES = {
+    "analysis/slow.sh": "mkdir -p output\nsleep 7\necho done > output/slow.txt\n",
+    "analysis/quick.sh": "mkdir -p output\necho a,b > output/quick.csv\n",
+    "analysis/broken.sh": "echo failing >&2\nexit 2\n",
+}
+
+
+def _ts(text: str | None) -> int | None:
+    return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")) if text else None
+
+
+@pytest.mark.docker
+def test_website_request_runs_and_the_website_ends_with_every_final_state(tmp_path, fake_jobserver, docker_label):
+    repo, sha = make_study(tmp_path / "study", PROJECT, FILES)
+    request = fake_jobserver.add_request(sha=sha, requested_actions=["run_all"],
+                                         workspace={"name": "e2e", "repo": str(repo), "branch": "main"})
+    env = tool_env(tmp_path / "workdir", JOB_SERVER_ENDPOINT=fake_jobserver.url,
+                   JOB_SERVER_TOKEN=fake_jobserver.token, POLL_INTERVAL="1", STATUS_REFRESH_INTERVAL="2",
+                   MAX_WORKERS="2", JR_EXTRA_LABELS=docker_label)
+    result = subprocess.run([str(ROOT / "service" / "jr-service"), "--until-idle"], env=env, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = {j["action"]: j for j in fake_jobserver.jobs.values() if j["job_request_id"] == request["identifier"]}
+    assert {a: (j["status"], j["status_code"]) for a, j in jobs.items()} == {
+        "slow": ("succeeded", "succeeded"), "quick": ("succeeded", "succeeded"),
+        "broken": ("failed", "nonzero_exit")}
+    assert jobs["broken"]["status_message"] == "Job exited with error code 2"
+    assert all(j["completed_at"] and j["run_command"] for j in jobs.values())
+    assert not fake_jobserver.is_active(request["identifier"])
+    # "Last updated by runner": while `slow` ran, each post carried a fresh updated_at, never
+    # more than the refresh interval plus a poll or two behind.
+    history = [job for _at, job in fake_jobserver.history[jobs["slow"]["identifier"]] if job["status"] == "running"]
+    stamps = sorted({_ts(job["updated_at"]) for job in history})
+    assert len(stamps) >= 3, stamps
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    assert max(gaps) <= 5, gaps
+    assert fake_jobserver.token not in result.stderr
