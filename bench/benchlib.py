@@ -30,23 +30,39 @@ def timed(fn: Callable[[], object], runs: int = 5) -> list[float]:
     return times
 
 
-def run_cmd(args: Sequence[str], env: dict[str, str] | None = None, input: str | None = None) -> None:
+def run_cmd(
+    args: Sequence[str], env: dict[str, str] | None = None, input: str | None = None
+) -> None:
     """Run a command, failing loudly if it fails (a broken bench must not print a figure)."""
-    subprocess.run(list(args), env=env, input=input, text=True, check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.PIPE)
+    subprocess.run(
+        list(args),
+        env=env,
+        input=input,
+        text=True,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
-def report(name: str, samples: Sequence[float], unit: str = "s", floor: Sequence[float] | None = None) -> None:
+def report(
+    name: str, samples: Sequence[float], unit: str = "s", floor: Sequence[float] | None = None
+) -> None:
     """Print the median (and the ratio to the floor's median, measured in the same run)."""
     value = statistics.median(samples)
     floor_value = statistics.median(floor) if floor else None
     ratio = f"{value / floor_value:.2f}" if floor_value else ""
-    print(f"{name}\t{value:.4f}\t{unit}\t{'' if floor_value is None else f'{floor_value:.4f}'}\t{ratio}\t"
-          f"{len(samples)}", flush=True)
+    print(
+        f"{name}\t{value:.4f}\t{unit}\t{'' if floor_value is None else f'{floor_value:.4f}'}\t{ratio}\t"
+        f"{len(samples)}",
+        flush=True,
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / "minmax.tsv", "a") as fh:
-        fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\t{name}\t{min(samples):.4f}\t"
-                 f"{max(samples):.4f}\t{unit}\n")
+        fh.write(
+            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\t{name}\t{min(samples):.4f}\t"
+            f"{max(samples):.4f}\t{unit}\n"
+        )
 
 
 def tool_env(workdir: Path) -> dict[str, str]:

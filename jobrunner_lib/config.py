@@ -25,8 +25,17 @@ DATABASE_NAMES = ("full", "slice", "dummy")
 # The backend used for local runs on dummy data; jr's embedded mode keys its defaults off it.
 LOCAL_BACKEND = "expectations"
 
-PRODUCTION_IMAGES = ("ehrql", "databuilder", "cohortextractor", "cohortextractor-v2", "python", "r",
-                     "stata-mp", "jupyter", "sqlrunner")
+PRODUCTION_IMAGES = (
+    "ehrql",
+    "databuilder",
+    "cohortextractor",
+    "cohortextractor-v2",
+    "python",
+    "r",
+    "stata-mp",
+    "jupyter",
+    "sqlrunner",
+)
 
 
 @dataclass(frozen=True)
@@ -137,7 +146,9 @@ def normalise_path(value: str, *, base: Path | None = None) -> Path:
     return path
 
 
-def read_env(env_file: Path | None = None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+def read_env(
+    env_file: Path | None = None, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """Merge `.env` (if any) under the real environment, which wins."""
     merged: dict[str, str] = {}
     environ = os.environ if environ is None else environ
@@ -169,7 +180,9 @@ class _Reader:
         try:
             value = float(raw)
         except ValueError:
-            raise ConfigError(f"{name}={raw!r} is not a number: expected e.g. {name}={default:g}") from None
+            raise ConfigError(
+                f"{name}={raw!r} is not a number: expected e.g. {name}={default:g}"
+            ) from None
         if value < minimum:
             raise ConfigError(f"{name}={raw!r} is too small: expected a number >= {minimum:g}")
         return value
@@ -206,8 +219,10 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
     r = _Reader(env)
     backend = r.str("BACKEND", LOCAL_BACKEND)
     if not BACKEND_RE.match(backend):
-        raise ConfigError(f"BACKEND={backend!r} is invalid: expected letters, digits, '_' or '-' "
-                          "(e.g. BACKEND=tpp)")
+        raise ConfigError(
+            f"BACKEND={backend!r} is invalid: expected letters, digits, '_' or '-' "
+            "(e.g. BACKEND=tpp)"
+        )
     local = backend == LOCAL_BACKEND
     dummy = r.flag("USING_DUMMY_DATA_BACKEND", local)
 
@@ -215,21 +230,30 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
     token = env.get("JOB_SERVER_TOKEN")
     if endpoint is not None:
         if not re.match(r"^https?://[^/\s]+", endpoint):
-            raise ConfigError(f"JOB_SERVER_ENDPOINT={endpoint!r} is not an http(s) URL: expected e.g. "
-                              "JOB_SERVER_ENDPOINT=https://jobs.opensafely.org/api/v2/")
+            raise ConfigError(
+                f"JOB_SERVER_ENDPOINT={endpoint!r} is not an http(s) URL: expected e.g. "
+                "JOB_SERVER_ENDPOINT=https://jobs.opensafely.org/api/v2/"
+            )
         endpoint = endpoint.rstrip("/") + "/"
         # An empty token makes the website hand out every backend's work (SPEC.md §4.7).
         if token is None or token.strip() == "":
-            raise ConfigError("JOB_SERVER_TOKEN is empty: set it to this backend's token from the jobs website")
+            raise ConfigError(
+                "JOB_SERVER_TOKEN is empty: set it to this backend's token from the jobs website"
+            )
         if token.strip().lower() in PLACEHOLDER_TOKENS:
-            raise ConfigError("JOB_SERVER_TOKEN is still the placeholder: set it to this backend's token "
-                              "from the jobs website")
+            raise ConfigError(
+                "JOB_SERVER_TOKEN is still the placeholder: set it to this backend's token "
+                "from the jobs website"
+            )
         token = token.strip()
     else:
         token = None
 
-    workdir = r.path("WORKDIR", Path(), CHECKOUT_DIR) if r.str("WORKDIR") else (
-        r.path("WORK_DIR", CHECKOUT_DIR / "workdir", CHECKOUT_DIR))
+    workdir = (
+        r.path("WORKDIR", Path(), CHECKOUT_DIR)
+        if r.str("WORKDIR")
+        else (r.path("WORK_DIR", CHECKOUT_DIR / "workdir", CHECKOUT_DIR))
+    )
     high = r.path("HIGH_PRIVACY_STORAGE_BASE", workdir / "high_privacy", CHECKOUT_DIR)
     medium = r.path("MEDIUM_PRIVACY_STORAGE_BASE", workdir / "medium_privacy", CHECKOUT_DIR)
     stats = r.str("STATS_DATABASE_FILE")
@@ -237,25 +261,39 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
 
     loglevel = (r.str("LOGLEVEL", "INFO") or "INFO").upper()
     if loglevel not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
-        raise ConfigError(f"LOGLEVEL={loglevel!r} is invalid: expected DEBUG, INFO, WARNING or ERROR")
+        raise ConfigError(
+            f"LOGLEVEL={loglevel!r} is invalid: expected DEBUG, INFO, WARNING or ERROR"
+        )
 
-    orgs = tuple(o.strip() for o in (r.str("ALLOWED_GITHUB_ORGS", "opensafely") or "").split(",") if o.strip())
+    orgs = tuple(
+        o.strip()
+        for o in (r.str("ALLOWED_GITHUB_ORGS", "opensafely") or "").split(",")
+        if o.strip()
+    )
 
     cpu_default = max(1, (os.cpu_count() or 2) - 1)
-    database_urls = {name: env[f"{name.upper()}_DATABASE_URL"] for name in DATABASE_NAMES
-                     if env.get(f"{name.upper()}_DATABASE_URL", "").strip()}
+    database_urls = {
+        name: env[f"{name.upper()}_DATABASE_URL"]
+        for name in DATABASE_NAMES
+        if env.get(f"{name.upper()}_DATABASE_URL", "").strip()
+    }
 
     cert_path, key_path = r.str("PRESTO_TLS_CERT_PATH"), r.str("PRESTO_TLS_KEY_PATH")
     if bool(cert_path) != bool(key_path):
-        raise ConfigError("PRESTO_TLS_CERT_PATH and PRESTO_TLS_KEY_PATH must be set together (or neither)")
+        raise ConfigError(
+            "PRESTO_TLS_CERT_PATH and PRESTO_TLS_KEY_PATH must be set together (or neither)"
+        )
     cert = key = None
     if cert_path and key_path:
-        cert = _read_secret_file("PRESTO_TLS_CERT_PATH", normalise_path(cert_path, base=CHECKOUT_DIR))
+        cert = _read_secret_file(
+            "PRESTO_TLS_CERT_PATH", normalise_path(cert_path, base=CHECKOUT_DIR)
+        )
         key = _read_secret_file("PRESTO_TLS_KEY_PATH", normalise_path(key_path, base=CHECKOUT_DIR))
 
     images_default = "python,r" if local else ",".join(PRODUCTION_IMAGES)
-    allowed_images = tuple(i.strip() for i in (r.str("ALLOWED_IMAGES", images_default) or "").split(",")
-                           if i.strip())
+    allowed_images = tuple(
+        i.strip() for i in (r.str("ALLOWED_IMAGES", images_default) or "").split(",") if i.strip()
+    )
     if not allowed_images:
         raise ConfigError("ALLOWED_IMAGES is empty: expected a comma-separated list, e.g. python,r")
 
@@ -282,15 +320,26 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
         allowed_github_orgs=orgs,
         allow_local_repos=r.flag("ALLOW_LOCAL_REPOS", local),
         git_proxy_host=r.str("GIT_PROXY_HOST", None if local else "github-proxy.opensafely.org"),
-        actions_base_url=(r.str("ACTIONS_BASE_URL", "https://github.com/opensafely-actions") or "").rstrip("/"),
+        actions_base_url=(
+            r.str("ACTIONS_BASE_URL", "https://github.com/opensafely-actions") or ""
+        ).rstrip("/"),
         max_workers=r.number("MAX_WORKERS", float(cpu_default), minimum=0.1),
-        job_resource_weights_file=r.path("JOB_RESOURCE_WEIGHTS_FILE", CHECKOUT_DIR / "job-resource-weights.ini",
-                                         CHECKOUT_DIR),
-        docker_registry=(r.str("DOCKER_REGISTRY", "jr-demo" if local else "ghcr.io/opensafely-core") or "").rstrip("/"),
+        job_resource_weights_file=r.path(
+            "JOB_RESOURCE_WEIGHTS_FILE", CHECKOUT_DIR / "job-resource-weights.ini", CHECKOUT_DIR
+        ),
+        docker_registry=(
+            r.str("DOCKER_REGISTRY", "jr-demo" if local else "ghcr.io/opensafely-core") or ""
+        ).rstrip("/"),
         allowed_images=allowed_images,
-        helper_image=r.str("HELPER_IMAGE", "jr-busybox:latest" if local else "ghcr.io/opensafely-core/busybox"),
-        tools_image=r.str("TOOLS_IMAGE", "jr-tools:latest" if local else "ghcr.io/opensafely-core/tools"),
-        pull_registry=r.str("PULL_REGISTRY", None if local else "docker-proxy.opensafely.org/opensafely-core"),
+        helper_image=r.str(
+            "HELPER_IMAGE", "jr-busybox:latest" if local else "ghcr.io/opensafely-core/busybox"
+        ),
+        tools_image=r.str(
+            "TOOLS_IMAGE", "jr-tools:latest" if local else "ghcr.io/opensafely-core/tools"
+        ),
+        pull_registry=r.str(
+            "PULL_REGISTRY", None if local else "docker-proxy.opensafely.org/opensafely-core"
+        ),
         job_memory_limit=r.size("JOB_MEMORY_LIMIT"),
         job_cpu_count=r.number("JOB_CPU_COUNT", 0.0) or None,
         job_pids_limit=int(r.number("JOB_PIDS_LIMIT", 1024, minimum=16)),
@@ -313,4 +362,6 @@ def _read_secret_file(name: str, path: Path) -> str:
     try:
         return path.read_text()
     except OSError as exc:
-        raise ConfigError(f"{name}={str(path)!r} cannot be read ({exc.strerror}): expected an existing file") from None
+        raise ConfigError(
+            f"{name}={str(path)!r} cannot be read ({exc.strerror}): expected an existing file"
+        ) from None

@@ -61,27 +61,39 @@ def validate_request(config: Config, request: JobRequest) -> None:
     url = request.repo_url
     if is_local_repo(url):
         if not config.allow_local_repos:
-            raise JobRequestError(f"Repository {url} is a local path, which this backend does not allow "
-                                  "(set ALLOW_LOCAL_REPOS=true to allow it)")
+            raise JobRequestError(
+                f"Repository {url} is a local path, which this backend does not allow "
+                "(set ALLOW_LOCAL_REPOS=true to allow it)"
+            )
     else:
         m = GITHUB_RE.match(url)
         if not m:
-            raise JobRequestError(f"Repository URL was not of the expected format: {url} "
-                                  "(expected https://github.com/<org>/<repo>)")
+            raise JobRequestError(
+                f"Repository URL was not of the expected format: {url} "
+                "(expected https://github.com/<org>/<repo>)"
+            )
         if m.group(1) not in config.allowed_github_orgs:
-            raise JobRequestError(f"Repositories can only be accessed from the following organisations: "
-                                  f"{', '.join(config.allowed_github_orgs)}")
+            raise JobRequestError(
+                f"Repositories can only be accessed from the following organisations: "
+                f"{', '.join(config.allowed_github_orgs)}"
+            )
         if not request.branch or "/" in request.branch:
-            raise JobRequestError(f"Branch name must not be empty or contain '/': {request.branch!r}")
+            raise JobRequestError(
+                f"Branch name must not be empty or contain '/': {request.branch!r}"
+            )
     if not request.requested_actions:
         raise JobRequestError("At least one action must be supplied")
     if not request.workspace.strip() or not WORKSPACE_RE.match(request.workspace):
-        raise JobRequestError(f"Invalid workspace name (allowed are alphanumeric, dash and underscore): "
-                              f"{request.workspace!r}")
+        raise JobRequestError(
+            f"Invalid workspace name (allowed are alphanumeric, dash and underscore): "
+            f"{request.workspace!r}"
+        )
     if not config.using_dummy_data_backend:
         if request.database_name not in config.database_urls:
-            raise JobRequestError(f"Database name {request.database_name!r} is not currently defined for "
-                                  f"backend {config.backend!r}")
+            raise JobRequestError(
+                f"Database name {request.database_name!r} is not currently defined for "
+                f"backend {config.backend!r}"
+            )
 
 
 def handle_request(config: Config, conn: sqlite3.Connection, request: JobRequest) -> Outcome:
@@ -104,7 +116,9 @@ def handle_request(config: Config, conn: sqlite3.Connection, request: JobRequest
     return Outcome(jobs, error=error)
 
 
-def record_jobs(conn: sqlite3.Connection, request: JobRequest, jobs: list[Job], error: str | None = None) -> None:
+def record_jobs(
+    conn: sqlite3.Connection, request: JobRequest, jobs: list[Job], error: str | None = None
+) -> None:
     """Write the request and its jobs in one transaction, flag cancelled actions, and log it."""
     db.insert_request(conn, request, jobs)
     if request.cancelled_actions:
@@ -117,7 +131,9 @@ def record_jobs(conn: sqlite3.Connection, request: JobRequest, jobs: list[Job], 
 
 
 def _error_job(request: JobRequest, message: str) -> Job:
-    return new_job(job_id(request.id, ERROR_ACTION), request, ERROR_ACTION, State.FAILED, None, message)
+    return new_job(
+        job_id(request.id, ERROR_ACTION), request, ERROR_ACTION, State.FAILED, None, message
+    )
 
 
 def load_project(config: Config, request: JobRequest) -> tuple[Pipeline, Path]:
@@ -133,9 +149,14 @@ def fetch(config: Config, repo_url: str, commit: str) -> Path:
     """ensure_commit with this backend's credentials and proxy."""
     if not re.fullmatch(r"[0-9a-f]{40}", commit or ""):
         raise JobRequestError(f"Commit {commit!r} is not a full 40-character sha")
-    return git.ensure_commit(repo_url, commit, repos_dir=config.repos_dir,
-                             token=None if is_local_repo(repo_url) else config.private_repo_access_token,
-                             backend=config.backend, proxy_host=config.git_proxy_host)
+    return git.ensure_commit(
+        repo_url,
+        commit,
+        repos_dir=config.repos_dir,
+        token=None if is_local_repo(repo_url) else config.private_repo_access_token,
+        backend=config.backend,
+        proxy_host=config.git_proxy_host,
+    )
 
 
 def plan_jobs(config: Config, conn: sqlite3.Connection, request: JobRequest) -> list[Job]:
@@ -143,10 +164,18 @@ def plan_jobs(config: Config, conn: sqlite3.Connection, request: JobRequest) -> 
     validate_request(config, request)
     pipeline, _repo_dir = load_project(config, request)
     if not is_local_repo(request.repo_url) and request.branch:
-        if not git.commit_reachable_from(request.repo_url, request.commit or "", request.branch,
-                                         repos_dir=config.repos_dir, token=config.private_repo_access_token,
-                                         backend=config.backend, proxy_host=config.git_proxy_host):
-            raise JobRequestError(f"Could not find commit {request.commit} on branch {request.branch}")
+        if not git.commit_reachable_from(
+            request.repo_url,
+            request.commit or "",
+            request.branch,
+            repos_dir=config.repos_dir,
+            token=config.private_repo_access_token,
+            backend=config.backend,
+            proxy_host=config.git_proxy_host,
+        ):
+            raise JobRequestError(
+                f"Could not find commit {request.commit} on branch {request.branch}"
+            )
     run_all = RUN_ALL in request.requested_actions
     targets = pipeline.all_actions() if run_all else list(dict.fromkeys(request.requested_actions))
     for action in targets:
@@ -169,9 +198,10 @@ def plan_jobs(config: Config, conn: sqlite3.Connection, request: JobRequest) -> 
         previous = latest.get(action)
         rerun = action in requested or request.force_run_dependencies
         if previous is not None and (
-                previous.state in (State.PENDING, State.RUNNING)
-                or (not rerun and previous.state is State.SUCCEEDED)
-                or (not rerun and not run_all and previous.state is State.FAILED)):
+            previous.state in (State.PENDING, State.RUNNING)
+            or (not rerun and previous.state is State.SUCCEEDED)
+            or (not rerun and not run_all and previous.state is State.FAILED)
+        ):
             decided[action] = previous
             return previous
         job = _new_action_job(config, pipeline, request, action, deps)
@@ -186,14 +216,23 @@ def plan_jobs(config: Config, conn: sqlite3.Connection, request: JobRequest) -> 
     if not new_jobs:
         if all(decided[a].state is State.SUCCEEDED for a in targets):
             first = request.requested_actions[0]
-            return [new_job(job_id(request.id, first), request, first, State.SUCCEEDED, StatusCode.SUCCEEDED,
-                            Msg.ALREADY_RAN)]
+            return [
+                new_job(
+                    job_id(request.id, first),
+                    request,
+                    first,
+                    State.SUCCEEDED,
+                    StatusCode.SUCCEEDED,
+                    Msg.ALREADY_RAN,
+                )
+            ]
         raise JobRequestError("All requested actions were already scheduled to run")
     return new_jobs
 
 
-def _new_action_job(config: Config, pipeline: Pipeline, request: JobRequest, action: str,
-                    deps: list[Job]) -> Job:
+def _new_action_job(
+    config: Config, pipeline: Pipeline, request: JobRequest, action: str, deps: list[Job]
+) -> Job:
     """A new job for one action: its command, inputs and what it waits for."""
     spec = pipeline.actions[action]
     failed = [d for d in deps if d.state is State.FAILED]
@@ -202,20 +241,36 @@ def _new_action_job(config: Config, pipeline: Pipeline, request: JobRequest, act
     args = list(spec.command_args())
     image = f"{spec.image}:{spec.tag}"
     if spec.image not in config.allowed_images:
-        image, args, action_repo, action_commit = resolve_reusable_action(config, action, spec.image, spec.tag,
-                                                                          args)
+        image, args, action_repo, action_commit = resolve_reusable_action(
+            config, action, spec.image, spec.tag, args
+        )
     args = _cohort_args(config, pipeline, spec, args)
-    fields = dict(requires_outputs_from=list(spec.needs), wait_for_job_ids=waits,
-                  run_command=shlex.join([image, *args]), output_spec={k: dict(v) for k, v in spec.outputs.items()},
-                  action_repo_url=action_repo, action_commit=action_commit,
-                  requires_db=bool(spec.is_database_action) and not config.using_dummy_data_backend)
+    fields = dict(
+        requires_outputs_from=list(spec.needs),
+        wait_for_job_ids=waits,
+        run_command=shlex.join([image, *args]),
+        output_spec={k: dict(v) for k, v in spec.outputs.items()},
+        action_repo_url=action_repo,
+        action_commit=action_commit,
+        requires_db=bool(spec.is_database_action) and not config.using_dummy_data_backend,
+    )
     jid = job_id(request.id, action)
     if failed:
         names = ", ".join(f"{d.action} ({d.id})" for d in failed)
-        return new_job(jid, request, action, State.FAILED, StatusCode.DEPENDENCY_FAILED,
-                       f"{Msg.DEPENDENCY_FAILED}: {names} failed; request it again to re-run it", **fields)
-    code, message = ((StatusCode.WAITING_ON_DEPENDENCIES, Msg.WAITING_ON_DEPENDENCIES) if waits
-                     else (StatusCode.CREATED, Msg.CREATED))
+        return new_job(
+            jid,
+            request,
+            action,
+            State.FAILED,
+            StatusCode.DEPENDENCY_FAILED,
+            f"{Msg.DEPENDENCY_FAILED}: {names} failed; request it again to re-run it",
+            **fields,
+        )
+    code, message = (
+        (StatusCode.WAITING_ON_DEPENDENCIES, Msg.WAITING_ON_DEPENDENCIES)
+        if waits
+        else (StatusCode.CREATED, Msg.CREATED)
+    )
     return new_job(jid, request, action, State.PENDING, code, message, **fields)
 
 
@@ -235,24 +290,46 @@ def _cohort_args(config: Config, pipeline: Pipeline, spec, args: list[str]) -> l
     return args
 
 
-def resolve_reusable_action(config: Config, action: str, image: str, tag: str,
-                            user_args: list[str]) -> tuple[str, list[str], str, str]:
+def resolve_reusable_action(
+    config: Config, action: str, image: str, tag: str, user_args: list[str]
+) -> tuple[str, list[str], str, str]:
     """Resolve `<image>:<tag>` as a reusable action (SPEC.md §5.9): (image, args, repo url, commit)."""
     where = f"in '{action}: {image}:{tag}'"
     repo_url = f"{config.actions_base_url}/{image}"
     token = None if is_local_repo(repo_url) else config.private_repo_access_token
     try:
-        commit = git.tag_commit(repo_url, tag, repos_dir=config.repos_dir, token=token, backend=config.backend,
-                                proxy_host=config.git_proxy_host)
-        repo_dir = git.ensure_commit(repo_url, commit, repos_dir=config.repos_dir, token=token,
-                                     backend=config.backend, proxy_host=config.git_proxy_host)
-        on_main = git.commit_reachable_from(repo_url, commit, "main", repos_dir=config.repos_dir, token=token,
-                                            backend=config.backend, proxy_host=config.git_proxy_host)
+        commit = git.tag_commit(
+            repo_url,
+            tag,
+            repos_dir=config.repos_dir,
+            token=token,
+            backend=config.backend,
+            proxy_host=config.git_proxy_host,
+        )
+        repo_dir = git.ensure_commit(
+            repo_url,
+            commit,
+            repos_dir=config.repos_dir,
+            token=token,
+            backend=config.backend,
+            proxy_host=config.git_proxy_host,
+        )
+        on_main = git.commit_reachable_from(
+            repo_url,
+            commit,
+            "main",
+            repos_dir=config.repos_dir,
+            token=token,
+            backend=config.backend,
+            proxy_host=config.git_proxy_host,
+        )
     except git.GitNetworkError:
         raise
     except git.GitError as exc:
-        raise ReusableActionError(f"{where}: cannot find tag {tag} of {repo_url} ({exc}); is "
-                                  f"'{image}' a known image ({', '.join(config.allowed_images)})?") from None
+        raise ReusableActionError(
+            f"{where}: cannot find tag {tag} of {repo_url} ({exc}); is "
+            f"'{image}' a known image ({', '.join(config.allowed_images)})?"
+        ) from None
     if not on_main:
         raise ReusableActionError(f"{where}: tag {tag} has not been merged into the main branch")
     text = git.read_file(repo_dir, commit, "action.yaml")
@@ -265,11 +342,15 @@ def resolve_reusable_action(config: Config, action: str, image: str, tag: str,
         run = data["run"]
         words = shlex.split(run)
     except Exception:  # noqa: BLE001 - any malformed action.yaml gets the same clear message
-        raise ReusableActionError(f"{where}: action.yaml must be a mapping with a 'run' command") from None
+        raise ReusableActionError(
+            f"{where}: action.yaml must be a mapping with a 'run' command"
+        ) from None
     inner_image = words[0].split(":", 1)[0] if words else ""
     if inner_image not in config.allowed_images:
-        raise ReusableActionError(f"{where}: the action's image {words[0] if words else ''!r} is not one of "
-                                  f"{', '.join(config.allowed_images)}")
+        raise ReusableActionError(
+            f"{where}: the action's image {words[0] if words else ''!r} is not one of "
+            f"{', '.join(config.allowed_images)}"
+        )
     if inner_image.startswith("cohortextractor") and words[1:2] == ["generate_cohort"]:
         raise ReusableActionError(f"{where}: re-usable actions cannot invoke cohortextractor")
     return words[0], [*words[1:], *user_args], repo_url, commit

@@ -57,13 +57,21 @@ MIGRATIONS: list[str] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-JSON_COLUMNS = {"requires_outputs_from", "wait_for_job_ids", "output_spec", "outputs", "unmatched_outputs"}
+JSON_COLUMNS = {
+    "requires_outputs_from",
+    "wait_for_job_ids",
+    "output_spec",
+    "outputs",
+    "unmatched_outputs",
+}
 BOOL_COLUMNS = {"cancelled", "requires_db"}
 JOB_COLUMNS = [f.name for f in fields(Job)]
 # The run side never writes `cancelled` (sync owns it), so a cancel is never overwritten; liveness
 # columns are written only by touch(), so a heartbeat never races a lifecycle change.
 LIVENESS_COLUMNS = ("heartbeat_at", "progress_at")
-RUN_SIDE_COLUMNS = [c for c in JOB_COLUMNS if c not in ("id", "cancelled", "rev", *LIVENESS_COLUMNS)]
+RUN_SIDE_COLUMNS = [
+    c for c in JOB_COLUMNS if c not in ("id", "cancelled", "rev", *LIVENESS_COLUMNS)
+]
 ACTIVE_STATES = (State.PENDING.value, State.RUNNING.value)
 
 
@@ -76,8 +84,9 @@ def connect(path: Path | str, *, migrate: bool = True) -> sqlite3.Connection:
     path = Path(path)
     if str(path) != ":memory:":
         path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
-                           check_same_thread=False)
+    conn = sqlite3.connect(
+        str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
+    )
     conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     if migrate:
@@ -91,8 +100,10 @@ def connect(path: Path | str, *, migrate: bool = True) -> sqlite3.Connection:
 def schema_version(conn: sqlite3.Connection) -> int:
     """The schema version; an unversioned file holding the old backend's tables counts as 1."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version == 0 and conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='job'").fetchone():
+    if (
+        version == 0
+        and conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='job'").fetchone()
+    ):
         return 1
     return version
 
@@ -104,8 +115,10 @@ def migrate_schema(conn: sqlite3.Connection) -> int:
     with transaction(conn):
         current = schema_version(conn)
         if current > SCHEMA_VERSION:
-            raise RuntimeError(f"database schema version {current} is newer than this jr "
-                               f"({SCHEMA_VERSION}): update jr")
+            raise RuntimeError(
+                f"database schema version {current} is newer than this jr "
+                f"({SCHEMA_VERSION}): update jr"
+            )
         for number in range(current + 1, SCHEMA_VERSION + 1):
             for statement in _statements(MIGRATIONS[number - 1]):
                 conn.execute(statement)
@@ -179,8 +192,11 @@ def _status_code(value: str | None) -> StatusCode | None:
 def insert_request(conn: sqlite3.Connection, request: JobRequest, jobs: Sequence[Job]) -> None:
     """Insert a request and its jobs in one transaction (nothing half-written)."""
     with transaction(conn):
-        conn.execute("INSERT OR REPLACE INTO job_request (id, original, created_at) VALUES (?, ?, "
-                     "strftime('%s','now'))", (request.id, json.dumps(request.original)))
+        conn.execute(
+            "INSERT OR REPLACE INTO job_request (id, original, created_at) VALUES (?, ?, "
+            "strftime('%s','now'))",
+            (request.id, json.dumps(request.original)),
+        )
         insert_jobs(conn, jobs)
 
 
@@ -188,8 +204,10 @@ def insert_jobs(conn: sqlite3.Connection, jobs: Iterable[Job]) -> None:
     """Insert jobs (inside the caller's transaction)."""
     cols = ", ".join(_q(c) for c in JOB_COLUMNS)
     marks = ", ".join("?" for _ in JOB_COLUMNS)
-    conn.executemany(f"INSERT INTO job ({cols}) VALUES ({marks})",
-                     [[_encode(c, getattr(j, c)) for c in JOB_COLUMNS] for j in jobs])
+    conn.executemany(
+        f"INSERT INTO job ({cols}) VALUES ({marks})",
+        [[_encode(c, getattr(j, c)) for c in JOB_COLUMNS] for j in jobs],
+    )
 
 
 def update_job(conn: sqlite3.Connection, job: Job) -> Job:
@@ -199,15 +217,25 @@ def update_job(conn: sqlite3.Connection, job: Job) -> Job:
     """
     sets = ", ".join(f"{_q(c)} = ?" for c in RUN_SIDE_COLUMNS)
     values = [_encode(c, getattr(job, c)) for c in RUN_SIDE_COLUMNS]
-    cur = conn.execute(f"UPDATE job SET {sets}, rev = rev + 1 WHERE id = ? AND rev = ?",
-                       [*values, job.id, job.rev])
+    cur = conn.execute(
+        f"UPDATE job SET {sets}, rev = rev + 1 WHERE id = ? AND rev = ?", [*values, job.id, job.rev]
+    )
     if cur.rowcount != 1:
-        raise ConflictError(f"job {job.id} was changed by another process (expected revision {job.rev})")
+        raise ConflictError(
+            f"job {job.id} was changed by another process (expected revision {job.rev})"
+        )
     return job.copy(rev=job.rev + 1)
 
 
-def touch(conn: sqlite3.Connection, job_id: str, *, heartbeat: float | None = None,
-          progress: float | None = None, refresh_updated_at: bool = False, refresh_after: int = 60) -> None:
+def touch(
+    conn: sqlite3.Connection,
+    job_id: str,
+    *,
+    heartbeat: float | None = None,
+    progress: float | None = None,
+    refresh_updated_at: bool = False,
+    refresh_after: int = 60,
+) -> None:
     """Record a worker's liveness (and, once `refresh_after` seconds old, bump updated_at for the website)."""
     sets, args = [], []
     if heartbeat is not None:
@@ -217,8 +245,10 @@ def touch(conn: sqlite3.Connection, job_id: str, *, heartbeat: float | None = No
         sets.append("progress_at = ?")
         args.append(progress)
     if refresh_updated_at:
-        sets.append("updated_at = CASE WHEN updated_at <= CAST(strftime('%s','now') AS INT) - ? "
-                    "THEN CAST(strftime('%s','now') AS INT) ELSE updated_at END")
+        sets.append(
+            "updated_at = CASE WHEN updated_at <= CAST(strftime('%s','now') AS INT) - ? "
+            "THEN CAST(strftime('%s','now') AS INT) ELSE updated_at END"
+        )
         args.append(max(1, int(refresh_after)))
     if sets:
         conn.execute(f"UPDATE job SET {', '.join(sets)} WHERE id = ?", [*args, job_id])
@@ -241,7 +271,7 @@ def get_jobs(conn: sqlite3.Connection, ids: Iterable[str]) -> list[Job]:
     ids = list(dict.fromkeys(ids))
     found: dict[str, Job] = {}
     for chunk in range(0, len(ids), 500):
-        part = ids[chunk:chunk + 500]
+        part = ids[chunk : chunk + 500]
         rows = conn.execute(f"SELECT * FROM job WHERE id IN ({','.join('?' * len(part))})", part)
         found.update({r["id"]: job_from_row(r) for r in rows})
     return [found[i] for i in ids if i in found]
@@ -257,33 +287,56 @@ def active_jobs(conn: sqlite3.Connection) -> list[Job]:
 
 def jobs_for_request(conn: sqlite3.Connection, request_id: str) -> list[Job]:
     """Every job of one request, oldest first."""
-    rows = conn.execute("SELECT * FROM job WHERE job_request_id = ? ORDER BY created_at, id", (request_id,))
+    rows = conn.execute(
+        "SELECT * FROM job WHERE job_request_id = ? ORDER BY created_at, id", (request_id,)
+    )
     return [job_from_row(r) for r in rows]
 
 
 def request_exists(conn: sqlite3.Connection, request_id: str) -> bool:
     """Whether any job (or the request row) exists for this request id."""
-    return conn.execute("SELECT 1 FROM job WHERE job_request_id = ? UNION "
-                        "SELECT 1 FROM job_request WHERE id = ? LIMIT 1", (request_id, request_id)).fetchone() is not None
+    return (
+        conn.execute(
+            "SELECT 1 FROM job WHERE job_request_id = ? UNION "
+            "SELECT 1 FROM job_request WHERE id = ? LIMIT 1",
+            (request_id, request_id),
+        ).fetchone()
+        is not None
+    )
 
 
 def latest_jobs_by_action(conn: sqlite3.Connection, workspace: str) -> dict[str, Job]:
     """The workspace state: per action, its newest job that is not cancelled and not `__error__`."""
     rows = conn.execute(
         "SELECT * FROM job WHERE workspace = ? AND action != '__error__' AND NOT cancelled "
-        "ORDER BY action, created_at, rowid", (workspace,))
+        "ORDER BY action, created_at, rowid",
+        (workspace,),
+    )
     latest: dict[str, Job] = {}
     for row in rows:
         latest[row["action"]] = job_from_row(row)
     return latest
 
 
-def _filters(states: Sequence[str], codes: Sequence[str], workspaces: Sequence[str], requests: Sequence[str],
-             actions: Sequence[str], since: int | None, ids: Sequence[str] | None) -> tuple[str, list[Any]]:
+def _filters(
+    states: Sequence[str],
+    codes: Sequence[str],
+    workspaces: Sequence[str],
+    requests: Sequence[str],
+    actions: Sequence[str],
+    since: int | None,
+    ids: Sequence[str] | None,
+) -> tuple[str, list[Any]]:
     where: list[str] = []
     args: list[Any] = []
-    for column, values in (("state", states), ("status_code", codes), ("workspace", workspaces),
-                           ("job_request_id", requests), ("action", actions), ("id", ids or ())):
+    for column, values in (
+        ("state", states),
+        ("status_code", codes),
+        ("workspace", workspaces),
+        ("job_request_id", requests),
+        ("action", actions),
+        ("id", ids or ()),
+    ):
         if values:
             where.append(f"{column} IN ({','.join('?' * len(values))})")
             args.extend(values)
@@ -295,10 +348,19 @@ def _filters(states: Sequence[str], codes: Sequence[str], workspaces: Sequence[s
     return (" WHERE " + " AND ".join(where) if where else ""), args
 
 
-def find_jobs(conn: sqlite3.Connection, *, states: Sequence[str] = (), codes: Sequence[str] = (),
-              workspaces: Sequence[str] = (), requests: Sequence[str] = (), actions: Sequence[str] = (),
-              since: int | None = None, limit: int | None = None, ids: Sequence[str] | None = None,
-              columns: Sequence[str] | None = None) -> list[Any]:
+def find_jobs(
+    conn: sqlite3.Connection,
+    *,
+    states: Sequence[str] = (),
+    codes: Sequence[str] = (),
+    workspaces: Sequence[str] = (),
+    requests: Sequence[str] = (),
+    actions: Sequence[str] = (),
+    since: int | None = None,
+    limit: int | None = None,
+    ids: Sequence[str] | None = None,
+    columns: Sequence[str] | None = None,
+) -> list[Any]:
     """Jobs matching every given filter, newest first: Jobs, or plain rows of `columns` (cheaper)."""
     where, args = _filters(states, codes, workspaces, requests, actions, since, ids)
     selected = ", ".join(_q(c) for c in columns) if columns else "*"
@@ -313,8 +375,11 @@ def find_jobs(conn: sqlite3.Connection, *, states: Sequence[str] = (), codes: Se
 def search_ids(conn: sqlite3.Connection, fragment: str, *, limit: int = 1000) -> list[Job]:
     """Jobs whose id or request id contains the fragment (case-insensitive, no LIKE wildcards)."""
     frag = fragment.lower()
-    rows = conn.execute("SELECT * FROM job WHERE instr(lower(id), ?) > 0 OR instr(lower(job_request_id), ?) > 0 "
-                        "ORDER BY created_at DESC, id LIMIT ?", (frag, frag, limit))
+    rows = conn.execute(
+        "SELECT * FROM job WHERE instr(lower(id), ?) > 0 OR instr(lower(job_request_id), ?) > 0 "
+        "ORDER BY created_at DESC, id LIMIT ?",
+        (frag, frag, limit),
+    )
     return [job_from_row(r) for r in rows]
 
 
@@ -327,7 +392,8 @@ def set_cancelled(conn: sqlite3.Connection, request_id: str, actions: Iterable[s
         cur = conn.execute(
             f"UPDATE job SET cancelled = 1 WHERE job_request_id = ? AND NOT cancelled AND "
             f"state IN (?, ?) AND action IN ({','.join('?' * len(actions))})",
-            [request_id, *ACTIVE_STATES, *actions])
+            [request_id, *ACTIVE_STATES, *actions],
+        )
     return cur.rowcount
 
 
@@ -343,13 +409,19 @@ def set_flag(conn: sqlite3.Connection, name: str, value: str | None) -> None:
         if value is None:
             conn.execute("DELETE FROM flag WHERE name = ?", (name,))
         else:
-            conn.execute("INSERT OR REPLACE INTO flag (name, value, updated_at) VALUES (?, ?, strftime('%s','now'))",
-                         (name, value))
+            conn.execute(
+                "INSERT OR REPLACE INTO flag (name, value, updated_at) VALUES (?, ?, strftime('%s','now'))",
+                (name, value),
+            )
 
 
 def count_by(conn: sqlite3.Connection, column: str) -> list[tuple[str, str, int]]:
     """(value, state, count) for a summary by `workspace` or `state`."""
     if column not in ("workspace", "state", "status_code"):
         raise ValueError(column)
-    return [tuple(r) for r in conn.execute(
-        f"SELECT {column}, state, COUNT(*) FROM job GROUP BY {column}, state ORDER BY {column}, state")]
+    return [
+        tuple(r)
+        for r in conn.execute(
+            f"SELECT {column}, state, COUNT(*) FROM job GROUP BY {column}, state ORDER BY {column}, state"
+        )
+    ]

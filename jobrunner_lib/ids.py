@@ -65,7 +65,9 @@ def targets_for(fragment: str, candidates: Iterable[Job]) -> list[Target]:
             jobs[job.id] = Target("job", job.id, (job,))
         if frag in job.job_request_id.lower():
             requests.setdefault(job.job_request_id, []).append(job)
-    targets = list(jobs.values()) + [Target("request", rid, tuple(js)) for rid, js in requests.items()]
+    targets = list(jobs.values()) + [
+        Target("request", rid, tuple(js)) for rid, js in requests.items()
+    ]
     exact = [t for t in targets if t.id.lower() == frag]
     return exact[:1] if exact else targets
 
@@ -96,11 +98,15 @@ def expand_args(args: Sequence[str], stdin: TextIO | None) -> list[str]:
             fragments.append(arg.strip())
     for frag in fragments:
         if len(frag) < MIN_FRAGMENT:
-            raise UsageError(f"ID fragment {frag!r} is too short: give at least {MIN_FRAGMENT} characters")
+            raise UsageError(
+                f"ID fragment {frag!r} is too short: give at least {MIN_FRAGMENT} characters"
+            )
     return fragments
 
 
-def resolve(conn: sqlite3.Connection, fragments: Sequence[str], choose: Chooser | None) -> list[Job]:
+def resolve(
+    conn: sqlite3.Connection, fragments: Sequence[str], choose: Chooser | None
+) -> list[Job]:
     """Resolve fragments to jobs (request targets expand to all their jobs), first seen first.
 
     `choose` is called for an ambiguous fragment; without one, ambiguity raises AmbiguousError
@@ -115,8 +121,10 @@ def resolve(conn: sqlite3.Connection, fragments: Sequence[str], choose: Chooser 
             if choose is None:
                 listing = "\n".join("  " + t.describe() for t in targets[:50])
                 more = f"\n  ... and {len(targets) - 50} more" if len(targets) > 50 else ""
-                raise AmbiguousError(f"'{frag}' matches {len(targets)} jobs or requests; give more "
-                                     f"characters or use --pick:\n{listing}{more}")
+                raise AmbiguousError(
+                    f"'{frag}' matches {len(targets)} jobs or requests; give more "
+                    f"characters or use --pick:\n{listing}{more}"
+                )
             targets = [choose(frag, targets)]
         for job in targets[0].jobs:
             chosen.setdefault(job.id, job)

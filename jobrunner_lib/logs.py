@@ -39,7 +39,12 @@ def job_tags(job: Any) -> str:
     code = getattr(job, "status_code", None)
     if code:
         tags.append(f"status={getattr(code, 'value', code)}")
-    for key, attr in (("project", "project"), ("action", "action"), ("id", "id"), ("req", "job_request_id")):
+    for key, attr in (
+        ("project", "project"),
+        ("action", "action"),
+        ("id", "id"),
+        ("req", "job_request_id"),
+    ):
         value = getattr(job, attr, None)
         if value:
             tags.append(f"{key}={value}")
@@ -69,8 +74,9 @@ class JrFormatter(logging.Formatter):
         return mask(f"{stamp}.{int(record.msecs):03d}Z {component:<4} {message}")
 
 
-def setup(component: str, level: str = "INFO", *, debug_log_file: Path | None = None,
-          stream: Any = None) -> None:
+def setup(
+    component: str, level: str = "INFO", *, debug_log_file: Path | None = None, stream: Any = None
+) -> None:
     """Configure the root logger once for a tool: stderr at `level`, plus an optional DEBUG file."""
     global _COMPONENT
     _COMPONENT = component
@@ -84,8 +90,9 @@ def setup(component: str, level: str = "INFO", *, debug_log_file: Path | None = 
     root.setLevel(level)
     if debug_log_file is not None:
         debug_log_file.parent.mkdir(parents=True, exist_ok=True)
-        rotating = logging.handlers.TimedRotatingFileHandler(debug_log_file, when="midnight", utc=True,
-                                                             backupCount=14)
+        rotating = logging.handlers.TimedRotatingFileHandler(
+            debug_log_file, when="midnight", utc=True, backupCount=14
+        )
         rotating.setFormatter(JrFormatter(component))
         rotating.setLevel(logging.DEBUG)
         root.addHandler(rotating)

@@ -85,20 +85,25 @@ ERROR_ACTION = "__error__"
 RUN_ALL = "run_all"
 
 # Allowed (from, to) moves; None is "not yet created" (SPEC.md §3.4).
-ALLOWED: frozenset[tuple[State | None, State]] = frozenset({
-    (None, State.PENDING),
-    (None, State.FAILED),
-    (None, State.SUCCEEDED),
-    (State.PENDING, State.PENDING),
-    (State.PENDING, State.RUNNING),
-    (State.PENDING, State.FAILED),
-    (State.RUNNING, State.RUNNING),
-    (State.RUNNING, State.SUCCEEDED),
-    (State.RUNNING, State.FAILED),
-    (State.RUNNING, State.PENDING),  # reboot prep, and a worker's prepare step redone from scratch
-    (State.FAILED, State.RUNNING),  # retry of an internal error with the container kept
-    (State.FAILED, State.PENDING),  # retry when the container is gone: start over
-})
+ALLOWED: frozenset[tuple[State | None, State]] = frozenset(
+    {
+        (None, State.PENDING),
+        (None, State.FAILED),
+        (None, State.SUCCEEDED),
+        (State.PENDING, State.PENDING),
+        (State.PENDING, State.RUNNING),
+        (State.PENDING, State.FAILED),
+        (State.RUNNING, State.RUNNING),
+        (State.RUNNING, State.SUCCEEDED),
+        (State.RUNNING, State.FAILED),
+        (
+            State.RUNNING,
+            State.PENDING,
+        ),  # reboot prep, and a worker's prepare step redone from scratch
+        (State.FAILED, State.RUNNING),  # retry of an internal error with the container kept
+        (State.FAILED, State.PENDING),  # retry when the container is gone: start over
+    }
+)
 
 
 def now() -> int:
@@ -192,16 +197,25 @@ def make_slug(text: str) -> str:
     return re.sub(r"[-_\s]+", "-", text).strip("-")
 
 
-def transition(job: Job, state: State, code: StatusCode | None, message: str | None, *,
-               at: int | None = None, **changes: Any) -> Job:
+def transition(
+    job: Job,
+    state: State,
+    code: StatusCode | None,
+    message: str | None,
+    *,
+    at: int | None = None,
+    **changes: Any,
+) -> Job:
     """Return the job moved to `state` with its code and message, timestamps set by the rules.
 
     Raises IllegalTransition for a move §3.4 does not allow. `started_at` is set on entering
     RUNNING, `completed_at` on entering a final state; both are cleared on a reset to PENDING.
     """
     if (job.state, state) not in ALLOWED:
-        raise IllegalTransition(f"job {job.id}: {job.state.value} -> {state.value} is not allowed "
-                                f"(code {code.value if code else None})")
+        raise IllegalTransition(
+            f"job {job.id}: {job.state.value} -> {state.value} is not allowed "
+            f"(code {code.value if code else None})"
+        )
     at = now() if at is None else at
     new = job.copy(state=state, status_code=code, status_message=message, updated_at=at, **changes)
     if state is State.RUNNING and (job.state is not State.RUNNING):
@@ -215,16 +229,37 @@ def transition(job: Job, state: State, code: StatusCode | None, message: str | N
     return new
 
 
-def new_job(job_id: str, request: JobRequest, action: str, state: State, code: StatusCode | None,
-            message: str | None, *, at: int | None = None, **fields: Any) -> Job:
+def new_job(
+    job_id: str,
+    request: JobRequest,
+    action: str,
+    state: State,
+    code: StatusCode | None,
+    message: str | None,
+    *,
+    at: int | None = None,
+    **fields: Any,
+) -> Job:
     """Create a job in its first state, checked against the allowed creations."""
     if (None, state) not in ALLOWED:
         raise IllegalTransition(f"job {job_id}: cannot be created {state.value}")
     at = now() if at is None else at
-    job = Job(id=job_id, job_request_id=request.id, state=state, repo_url=request.repo_url,
-              commit=request.commit, workspace=request.workspace, database_name=request.database_name,
-              action=action, status_code=code, status_message=message, created_at=at, updated_at=at,
-              run_by_user=request.created_by, **fields)
+    job = Job(
+        id=job_id,
+        job_request_id=request.id,
+        state=state,
+        repo_url=request.repo_url,
+        commit=request.commit,
+        workspace=request.workspace,
+        database_name=request.database_name,
+        action=action,
+        status_code=code,
+        status_message=message,
+        created_at=at,
+        updated_at=at,
+        run_by_user=request.created_by,
+        **fields,
+    )
     if state.is_final:
         job.started_at = at
         job.completed_at = at

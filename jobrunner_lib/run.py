@@ -324,8 +324,12 @@ class _Pass:
         if job.status_code is code and job.status_message == message:
             if self.now() - job.updated_at >= self.config.status_refresh_interval:
                 # Keeps the website's "last updated" fresh without a revision bump.
-                db.touch(self.conn, job.id, refresh_updated_at=True,
-                         refresh_after=int(self.config.status_refresh_interval))
+                db.touch(
+                    self.conn,
+                    job.id,
+                    refresh_updated_at=True,
+                    refresh_after=int(self.config.status_refresh_interval),
+                )
             return
         self.save(job, State.PENDING, code, message)
 

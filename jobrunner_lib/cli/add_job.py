@@ -9,7 +9,7 @@ import re
 import time
 from pathlib import Path
 
-from .. import db, git
+from .. import git
 from ..create_jobs import JobRequestError, RetryLater, is_local_repo, plan_jobs, record_jobs
 from ..errors import OperationFailed, TemporaryFailure, UsageError
 from ..ids import new_request_id
@@ -23,8 +23,10 @@ COLUMNS = ["id", "request", "workspace", "action", "state", "status_code", "stat
 class AddJob(Tool):
     name = "jr-add-job"
     component = "add"
-    description = ("Create a job request for a study repo (a local path or URL) and the actions to run; "
-                   "prints the new jobs. With --dry-run, only validates project.yaml and shows the plan.")
+    description = (
+        "Create a job request for a study repo (a local path or URL) and the actions to run; "
+        "prints the new jobs. With --dry-run, only validates project.yaml and shows the plan."
+    )
     epilog = """examples:
   jr-add-job . run_all                         every action of the study in the current directory
   jr-add-job ~/studies/covid --branch main model report
@@ -34,16 +36,36 @@ class AddJob(Tool):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("repo", metavar="REPO", help="study repository: a local path or a URL")
-        parser.add_argument("actions", nargs="*", metavar="ACTION", default=[],
-                            help=f"actions to run (default: {RUN_ALL})")
+        parser.add_argument(
+            "actions",
+            nargs="*",
+            metavar="ACTION",
+            default=[],
+            help=f"actions to run (default: {RUN_ALL})",
+        )
         where = parser.add_mutually_exclusive_group()
         where.add_argument("--commit", metavar="SHA", help="full commit sha to run")
-        where.add_argument("--branch", metavar="NAME", help="run the head of this branch (default: HEAD)")
-        parser.add_argument("--workspace", default="test", metavar="NAME", help="output workspace (default: test)")
-        parser.add_argument("--database", default="dummy", metavar="NAME", help="full, slice or dummy (default: dummy)")
-        parser.add_argument("-f", "--force-run-dependencies", action="store_true",
-                            help="re-run every dependency even if it already succeeded")
-        parser.add_argument("-n", "--dry-run", action="store_true", help="validate and show the plan; write nothing")
+        where.add_argument(
+            "--branch", metavar="NAME", help="run the head of this branch (default: HEAD)"
+        )
+        parser.add_argument(
+            "--workspace", default="test", metavar="NAME", help="output workspace (default: test)"
+        )
+        parser.add_argument(
+            "--database",
+            default="dummy",
+            metavar="NAME",
+            help="full, slice or dummy (default: dummy)",
+        )
+        parser.add_argument(
+            "-f",
+            "--force-run-dependencies",
+            action="store_true",
+            help="re-run every dependency even if it already succeeded",
+        )
+        parser.add_argument(
+            "-n", "--dry-run", action="store_true", help="validate and show the plan; write nothing"
+        )
 
     def run(self, ctx: Context) -> int:
         args, config = ctx.args, ctx.config
@@ -51,8 +73,13 @@ class AddJob(Tool):
         repo_url = self.repo_url(args.repo)
         branch = args.branch or "HEAD"
         try:
-            commit = args.commit or git.resolve_ref(repo_url, branch, token=self.token(config, repo_url),
-                                                    backend=config.backend, proxy_host=config.git_proxy_host)
+            commit = args.commit or git.resolve_ref(
+                repo_url,
+                branch,
+                token=self.token(config, repo_url),
+                backend=config.backend,
+                proxy_host=config.git_proxy_host,
+            )
         except git.GitNetworkError as exc:
             raise TemporaryFailure(f"cannot reach {repo_url}: {exc}") from None
         except git.GitError as exc:
@@ -62,14 +89,36 @@ class AddJob(Tool):
         actions = args.actions or [RUN_ALL]
         request_id = new_request_id()
         user = os.environ.get("JR_USER") or _user()
-        original = {"identifier": request_id, "sha": commit, "requested_actions": actions, "cancelled_actions": [],
-                    "force_run_dependencies": args.force_run_dependencies, "backend": config.backend,
-                    "created_by": user, "created_at": iso(time.time()), "database_name": args.database,
-                    "workspace": {"name": args.workspace, "repo": repo_url, "branch": branch, "db": args.database}}
-        request = JobRequest(id=request_id, repo_url=repo_url, commit=commit, branch=branch,
-                             requested_actions=actions, cancelled_actions=[], workspace=args.workspace,
-                             database_name=args.database, force_run_dependencies=args.force_run_dependencies,
-                             created_by=user, original=original)
+        original = {
+            "identifier": request_id,
+            "sha": commit,
+            "requested_actions": actions,
+            "cancelled_actions": [],
+            "force_run_dependencies": args.force_run_dependencies,
+            "backend": config.backend,
+            "created_by": user,
+            "created_at": iso(time.time()),
+            "database_name": args.database,
+            "workspace": {
+                "name": args.workspace,
+                "repo": repo_url,
+                "branch": branch,
+                "db": args.database,
+            },
+        }
+        request = JobRequest(
+            id=request_id,
+            repo_url=repo_url,
+            commit=commit,
+            branch=branch,
+            requested_actions=actions,
+            cancelled_actions=[],
+            workspace=args.workspace,
+            database_name=args.database,
+            force_run_dependencies=args.force_run_dependencies,
+            created_by=user,
+            original=original,
+        )
         try:
             jobs = plan_jobs(config, ctx.conn, request)
         except (git.GitNetworkError, RetryLater) as exc:
@@ -78,17 +127,28 @@ class AddJob(Tool):
             errors = getattr(exc, "errors", None) or [str(exc)]
             for line in errors:
                 ctx.stderr.write(f"{line}\n")
-            raise OperationFailed(f"{args.repo}: project.yaml is invalid ({len(errors)} problem"
-                                  f"{'s' if len(errors) != 1 else ''}); nothing was submitted") from None
+            raise OperationFailed(
+                f"{args.repo}: project.yaml is invalid ({len(errors)} problem"
+                f"{'s' if len(errors) != 1 else ''}); nothing was submitted"
+            ) from None
         except (JobRequestError, git.GitError) as exc:
             raise OperationFailed(f"{type(exc).__name__}: {exc}") from None
         if not args.dry_run:
             record_jobs(ctx.conn, request, jobs)
         else:
             ctx.say(f"dry run: project.yaml is valid; {len(jobs)} job(s) would be created")
-        rows = [{"id": j.id, "request": j.job_request_id, "workspace": j.workspace, "action": j.action,
-                 "state": j.state.value, "status_code": j.status_code.value if j.status_code else "",
-                 "status_message": j.status_message or ""} for j in jobs]
+        rows = [
+            {
+                "id": j.id,
+                "request": j.job_request_id,
+                "workspace": j.workspace,
+                "action": j.action,
+                "state": j.state.value,
+                "status_code": j.status_code.value if j.status_code else "",
+                "status_message": j.status_message or "",
+            }
+            for j in jobs
+        ]
         ctx.emit(rows, COLUMNS)
         return 0
 

@@ -21,8 +21,16 @@ from typing import Any, TextIO
 
 from .. import __version__, db, ids, logs
 from ..config import Config, load_config
-from ..errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, ConfigError, IllegalTransition, JrError,
-                      TemporaryFailure, UsageError)
+from ..errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    ConfigError,
+    IllegalTransition,
+    JrError,
+    TemporaryFailure,
+    UsageError,
+)
 from ..models import Job
 
 log = logging.getLogger(__name__)
@@ -85,7 +93,9 @@ def parse_since(text: str, now: float | None = None) -> int:
             return calendar.timegm(time.strptime(text, fmt))
         except ValueError:
             continue
-    raise UsageError(f"--since {text!r}: expected an age like 30m, 2h, 7d or a date like 2021-11-03")
+    raise UsageError(
+        f"--since {text!r}: expected an age like 30m, 2h, 7d or a date like 2021-11-03"
+    )
 
 
 _TSV_SPECIAL = re.compile(r"[\\\t\n\r]")
@@ -98,9 +108,15 @@ def _tsv_cell(value: Any) -> str:
     return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
-def write_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], fmt: str, out: TextIO,
-               *, table_rows: Sequence[Mapping[str, Any]] | None = None,
-               table_columns: Sequence[str] | None = None) -> None:
+def write_rows(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    fmt: str,
+    out: TextIO,
+    *,
+    table_rows: Sequence[Mapping[str, Any]] | None = None,
+    table_columns: Sequence[str] | None = None,
+) -> None:
     """Write rows in one of FORMATS; tables may use friendlier columns than machine formats."""
     if fmt == "ids":
         for row in rows:
@@ -137,21 +153,33 @@ def read_tsv(text: str) -> list[dict[str, str]]:
         out, i = [], 0
         while i < len(cell):
             if cell[i] == "\\" and i + 1 < len(cell):
-                out.append({"t": "\t", "n": "\n", "r": "\r", "\\": "\\"}.get(cell[i + 1], cell[i + 1]))
+                out.append(
+                    {"t": "\t", "n": "\n", "r": "\r", "\\": "\\"}.get(cell[i + 1], cell[i + 1])
+                )
                 i += 2
             else:
                 out.append(cell[i])
                 i += 1
         return "".join(out)
 
-    return [dict(zip(header, (unescape(c) for c in line.split("\t")), strict=False)) for line in lines[1:]]
+    return [
+        dict(zip(header, (unescape(c) for c in line.split("\t")), strict=False))
+        for line in lines[1:]
+    ]
 
 
 class Context:
     """What a running tool has: its parsed args, configuration, state store and streams."""
 
-    def __init__(self, tool: Tool, args: argparse.Namespace, config: Config | None,
-                 stdin: TextIO, stdout: TextIO, stderr: TextIO):
+    def __init__(
+        self,
+        tool: Tool,
+        args: argparse.Namespace,
+        config: Config | None,
+        stdin: TextIO,
+        stdout: TextIO,
+        stderr: TextIO,
+    ):
         self.tool, self.args, self.config = tool, args, config
         self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
         self._conn: sqlite3.Connection | None = None
@@ -167,7 +195,9 @@ class Context:
     @property
     def interactive(self) -> bool:
         """A person is at a terminal (or --pick says so: mintty does not report one)."""
-        return bool(getattr(self.args, "pick", False)) or (is_terminal(self.stdin) and is_terminal(self.stderr))
+        return bool(getattr(self.args, "pick", False)) or (
+            is_terminal(self.stdin) and is_terminal(self.stderr)
+        )
 
     def say(self, message: str) -> None:
         """A line for the person (stderr), unless --quiet."""
@@ -204,8 +234,10 @@ class Context:
         for target in targets:
             job = target.jobs[0]
             label = job.action if target.kind == "job" else f"request ({len(target.jobs)} jobs)"
-            lines.append(f"{target.id}  {label}  {job.state.value}  {job.workspace}  "
-                         f"{human_age(now - job.created_at)}")
+            lines.append(
+                f"{target.id}  {label}  {job.state.value}  {job.workspace}  "
+                f"{human_age(now - job.created_at)}"
+            )
         choice = iterfzf(lines, prompt=f"{fragment}> ", header="id  action  state  workspace  age")
         if not choice:
             raise KeyboardInterrupt
@@ -222,7 +254,9 @@ class Context:
         if getattr(self.args, "yes", False):
             return True
         if not (is_terminal(self.stdin) and is_terminal(self.stderr)):
-            raise UsageError(f"refusing to {verb} without a terminal to confirm: add --yes (or --dry-run)")
+            raise UsageError(
+                f"refusing to {verb} without a terminal to confirm: add --yes (or --dry-run)"
+            )
         self.stderr.write(f"{verb.capitalize()}? [y/N] ")
         self.stderr.flush()
         answer = self.stdin.readline().strip().lower()
@@ -253,26 +287,46 @@ class Tool:
 
     def build_parser(self) -> argparse.ArgumentParser:
         """The full parser: shared flags plus the tool's own."""
-        parser = argparse.ArgumentParser(prog=self.name, description=self.description, epilog=self.epilog,
-                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser = argparse.ArgumentParser(
+            prog=self.name,
+            description=self.description,
+            epilog=self.epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
         verbosity = parser.add_mutually_exclusive_group()
-        verbosity.add_argument("-v", "--verbose", action="store_true", help="log DEBUG detail on stderr")
+        verbosity.add_argument(
+            "-v", "--verbose", action="store_true", help="log DEBUG detail on stderr"
+        )
         verbosity.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
         if self.output:
-            parser.add_argument("-o", "--output", choices=FORMATS, metavar="FORMAT",
-                                help="table|tsv|jsonl|ids (default: table on a terminal, tsv otherwise)")
+            parser.add_argument(
+                "-o",
+                "--output",
+                choices=FORMATS,
+                metavar="FORMAT",
+                help="table|tsv|jsonl|ids (default: table on a terminal, tsv otherwise)",
+            )
         if self.takes_ids:
-            arg = parser.add_argument("ids", nargs=self.takes_ids, metavar="ID",
-                                      help="job or request ID, or a fragment of 3+ characters; - reads IDs "
-                                           "from stdin (first field of each line)")
+            arg = parser.add_argument(
+                "ids",
+                nargs=self.takes_ids,
+                metavar="ID",
+                help="job or request ID, or a fragment of 3+ characters; - reads IDs "
+                "from stdin (first field of each line)",
+            )
             arg.jr_complete = "ids"  # type: ignore[attr-defined]
-            parser.add_argument("--pick", action="store_true",
-                                help="always offer a picker for ambiguous IDs (for terminals that hide "
-                                     "themselves, like mintty)")
+            parser.add_argument(
+                "--pick",
+                action="store_true",
+                help="always offer a picker for ambiguous IDs (for terminals that hide "
+                "themselves, like mintty)",
+            )
         if self.destructive:
             parser.add_argument("-y", "--yes", action="store_true", help="do it without asking")
-            parser.add_argument("-n", "--dry-run", action="store_true", help="show the plan, change nothing")
+            parser.add_argument(
+                "-n", "--dry-run", action="store_true", help="show the plan, change nothing"
+            )
         self.add_arguments(parser)
         return parser
 
@@ -280,20 +334,39 @@ class Tool:
         """The configuration (a hook so tests and tools without config can override)."""
         return load_config()
 
-    def main(self, argv: Sequence[str] | None = None, *, stdin: TextIO | None = None,
-             stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    def main(
+        self,
+        argv: Sequence[str] | None = None,
+        *,
+        stdin: TextIO | None = None,
+        stdout: TextIO | None = None,
+        stderr: TextIO | None = None,
+    ) -> int:
         """Parse, run and map every outcome to an exit code (never a traceback on the terminal)."""
         stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
         args = self.build_parser().parse_args(argv)
         config: Config | None = None
         try:
             config = self.load_config() if self.needs_config else None
-            level = "DEBUG" if args.verbose else "ERROR" if args.quiet else (config.loglevel if config else "INFO")
-            logs.setup(self.component or self.name, level, stream=stderr,
-                       debug_log_file=config.debug_log_file if config else None)
+            level = (
+                "DEBUG"
+                if args.verbose
+                else "ERROR"
+                if args.quiet
+                else (config.loglevel if config else "INFO")
+            )
+            logs.setup(
+                self.component or self.name,
+                level,
+                stream=stderr,
+                debug_log_file=config.debug_log_file if config else None,
+            )
             if config:
-                for secret in (config.job_server_token, config.private_repo_access_token,
-                               *config.database_urls.values()):
+                for secret in (
+                    config.job_server_token,
+                    config.private_repo_access_token,
+                    *config.database_urls.values(),
+                ):
                     logs.register_secret(secret)
             ctx = Context(self, args, config, stdin, stdout, stderr)
             return self.run(ctx)
@@ -318,7 +391,11 @@ class Tool:
 
     def _internal_error(self, exc: BaseException, config: Config | None, stderr: TextIO) -> int:
         """Log the traceback to a file and say one line naming it (exit 70)."""
-        path = config.internal_log_file if config else Path(os.environ.get("TMPDIR", "/tmp")) / "jr-internal-errors.log"
+        path = (
+            config.internal_log_file
+            if config
+            else Path(os.environ.get("TMPDIR", "/tmp")) / "jr-internal-errors.log"
+        )
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a", encoding="utf-8") as fh:
@@ -327,8 +404,10 @@ class Tool:
             where = f"traceback in {path}"
         except OSError:
             where = "traceback could not be written"
-        stderr.write(f"{self.name}: internal error: {type(exc).__name__}: {logs.mask(logs.one_line(str(exc)))} "
-                     f"({where})\n")
+        stderr.write(
+            f"{self.name}: internal error: {type(exc).__name__}: {logs.mask(logs.one_line(str(exc)))} "
+            f"({where})\n"
+        )
         return EXIT_INTERNAL
 
 

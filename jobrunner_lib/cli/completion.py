@@ -26,12 +26,19 @@ def tool_classes() -> Iterator[tuple[str, type[Tool]]]:
             continue
         module = importlib.import_module(module_name)
         for value in vars(module).values():
-            if isinstance(value, type) and issubclass(value, Tool) and value is not Tool and value.name == name:
+            if (
+                isinstance(value, type)
+                and issubclass(value, Tool)
+                and value is not Tool
+                and value.name == name
+            ):
                 yield name, value
                 break
 
 
-def describe_parser(parser: argparse.ArgumentParser) -> tuple[list[str], list[str], dict[str, list[str]], bool]:
+def describe_parser(
+    parser: argparse.ArgumentParser,
+) -> tuple[list[str], list[str], dict[str, list[str]], bool]:
     """(flags, flags taking a value, choices per flag, whether positionals take job IDs)."""
     flags, valued, choices, takes_ids = [], [], {}, False
     for action in parser._actions:  # argparse offers no public way to list its arguments
@@ -56,7 +63,8 @@ def generate() -> str:
         flags, valued, choices, takes_ids = describe_parser(cls().build_parser())
         choice_lines = "".join(
             f'        {opt}) COMPREPLY=($(compgen -W "{" ".join(vals)}" -- "$cur")); return ;;\n'
-            for opt, vals in sorted(choices.items()))
+            for opt, vals in sorted(choices.items())
+        )
         cases.append(f"""    {name})
       opts="{" ".join(flags)}"
       valued=" {" ".join(valued)} "
@@ -122,7 +130,8 @@ def print_ids(fragment: str, out=sys.stdout) -> int:
         rows = conn.execute(
             "SELECT id, action FROM job WHERE instr(id, ?) > 0 UNION "
             "SELECT DISTINCT job_request_id, 'request' FROM job WHERE instr(job_request_id, ?) > 0 LIMIT ?",
-            (frag, frag, ID_LIMIT)).fetchall()
+            (frag, frag, ID_LIMIT),
+        ).fetchall()
     except Exception:  # noqa: BLE001 - a broken config or store just means no suggestions
         return 0
     for job_id, action in rows:

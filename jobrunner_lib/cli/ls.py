@@ -10,12 +10,30 @@ from ..errors import UsageError
 from ..models import State, StatusCode
 from .common import Context, Tool, human_age, iso, parse_since, run_tool
 
-COLUMNS = ["id", "request", "workspace", "action", "state", "status_code", "status_message",
-           "created_at", "updated_at"]
+COLUMNS = [
+    "id",
+    "request",
+    "workspace",
+    "action",
+    "state",
+    "status_code",
+    "status_message",
+    "created_at",
+    "updated_at",
+]
 TABLE_COLUMNS = ["id", "request", "workspace", "action", "state", "status_code", "age", "updated"]
 TABLE_LIMIT = 100
-DB_COLUMNS = ["id", "job_request_id", "workspace", "action", "state", "status_code", "status_message",
-              "created_at", "updated_at"]
+DB_COLUMNS = [
+    "id",
+    "job_request_id",
+    "workspace",
+    "action",
+    "state",
+    "status_code",
+    "status_message",
+    "created_at",
+    "updated_at",
+]
 
 
 def _csv(value: str) -> list[str]:
@@ -24,7 +42,9 @@ def _csv(value: str) -> list[str]:
 
 class Ls(Tool):
     name = "jr-ls"
-    description = "List jobs, newest first. Reads only the state store (never Docker or the website)."
+    description = (
+        "List jobs, newest first. Reads only the state store (never Docker or the website)."
+    )
     epilog = """examples:
   jr-ls                                  the newest jobs
   jr-ls --state running,pending          what is active
@@ -36,43 +56,89 @@ class Ls(Tool):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         states = ",".join(s.value for s in State)
-        parser.add_argument("--state", type=_csv, default=[], metavar="STATE[,STATE]", help=f"one of {states}")
-        parser.add_argument("--status-code", type=_csv, default=[], metavar="CODE[,CODE]",
-                            help="e.g. nonzero_exit,internal_error")
+        parser.add_argument(
+            "--state", type=_csv, default=[], metavar="STATE[,STATE]", help=f"one of {states}"
+        )
+        parser.add_argument(
+            "--status-code",
+            type=_csv,
+            default=[],
+            metavar="CODE[,CODE]",
+            help="e.g. nonzero_exit,internal_error",
+        )
         parser.add_argument("--workspace", type=_csv, default=[], metavar="NAME[,NAME]")
-        parser.add_argument("--request", type=_csv, default=[], metavar="ID[,ID]", help="full job-request IDs")
+        parser.add_argument(
+            "--request", type=_csv, default=[], metavar="ID[,ID]", help="full job-request IDs"
+        )
         parser.add_argument("--action", type=_csv, default=[], metavar="NAME[,NAME]")
-        parser.add_argument("--since", metavar="AGE|DATE", help="created since: 30m, 2h, 7d or 2021-11-03")
-        parser.add_argument("--limit", type=int, metavar="N",
-                            help=f"at most N jobs (0: all; default {TABLE_LIMIT} in a table, all otherwise)")
-        parser.add_argument("--summary", action="store_true", help="counts per state, per workspace")
+        parser.add_argument(
+            "--since", metavar="AGE|DATE", help="created since: 30m, 2h, 7d or 2021-11-03"
+        )
+        parser.add_argument(
+            "--limit",
+            type=int,
+            metavar="N",
+            help=f"at most N jobs (0: all; default {TABLE_LIMIT} in a table, all otherwise)",
+        )
+        parser.add_argument(
+            "--summary", action="store_true", help="counts per state, per workspace"
+        )
 
     def run(self, ctx: Context) -> int:
         args = ctx.args
         for state in args.state:
             if state not in {s.value for s in State}:
-                raise UsageError(f"--state {state!r}: expected one of {', '.join(s.value for s in State)}")
+                raise UsageError(
+                    f"--state {state!r}: expected one of {', '.join(s.value for s in State)}"
+                )
         for code in args.status_code:
             if code not in {c.value for c in StatusCode}:
-                raise UsageError(f"--status-code {code!r} is unknown: e.g. {StatusCode.NONZERO_EXIT.value}")
+                raise UsageError(
+                    f"--status-code {code!r} is unknown: e.g. {StatusCode.NONZERO_EXIT.value}"
+                )
         if args.summary:
             return self.summary(ctx)
         since = parse_since(args.since) if args.since else None
-        limit = args.limit if args.limit is not None else (TABLE_LIMIT if ctx.output_format == "table" else 0)
-        filters = dict(states=args.state, codes=args.status_code, workspaces=args.workspace,
-                       requests=args.request, actions=args.action, since=since,
-                       ids=[j.id for j in ctx.resolve_jobs(args.ids)] if args.ids else None)
-        found = db.find_jobs(ctx.conn, limit=(limit + 1) if limit else None, columns=DB_COLUMNS, **filters)
+        limit = (
+            args.limit
+            if args.limit is not None
+            else (TABLE_LIMIT if ctx.output_format == "table" else 0)
+        )
+        filters = dict(
+            states=args.state,
+            codes=args.status_code,
+            workspaces=args.workspace,
+            requests=args.request,
+            actions=args.action,
+            since=since,
+            ids=[j.id for j in ctx.resolve_jobs(args.ids)] if args.ids else None,
+        )
+        found = db.find_jobs(
+            ctx.conn, limit=(limit + 1) if limit else None, columns=DB_COLUMNS, **filters
+        )
         more = bool(limit) and len(found) > limit
         found = found[:limit] if limit else found
         now = time.time()
-        rows = [{"id": r[0], "request": r[1], "workspace": r[2], "action": r[3], "state": r[4],
-                 "status_code": r[5] or "", "status_message": r[6] or "", "created_at": iso(r[7]),
-                 "updated_at": iso(r[8])} for r in found]
+        rows = [
+            {
+                "id": r[0],
+                "request": r[1],
+                "workspace": r[2],
+                "action": r[3],
+                "state": r[4],
+                "status_code": r[5] or "",
+                "status_message": r[6] or "",
+                "created_at": iso(r[7]),
+                "updated_at": iso(r[8]),
+            }
+            for r in found
+        ]
         table_rows = None
         if ctx.output_format == "table":
-            table_rows = [{**row, "age": human_age(now - r[7]), "updated": human_age(now - r[8]) + " ago"}
-                          for row, r in zip(rows, found, strict=True)]
+            table_rows = [
+                {**row, "age": human_age(now - r[7]), "updated": human_age(now - r[8]) + " ago"}
+                for row, r in zip(rows, found, strict=True)
+            ]
         ctx.emit(rows, COLUMNS, table_rows=table_rows, table_columns=TABLE_COLUMNS)
         if more:
             ctx.say(f"(showing the newest {limit}; --limit 0 shows all)")
@@ -88,13 +154,26 @@ class Ls(Tool):
         for workspace, counts in per_ws.items():
             for s in states:
                 totals[s] += counts[s]
-            rows.append({"workspace": workspace, **{s: str(counts[s]) for s in states},
-                         "total": str(sum(counts.values()))})
-        rows.append({"workspace": "(all)", **{s: str(totals[s]) for s in states}, "total": str(sum(totals.values()))})
+            rows.append(
+                {
+                    "workspace": workspace,
+                    **{s: str(counts[s]) for s in states},
+                    "total": str(sum(counts.values())),
+                }
+            )
+        rows.append(
+            {
+                "workspace": "(all)",
+                **{s: str(totals[s]) for s in states},
+                "total": str(sum(totals.values())),
+            }
+        )
         paused = db.get_flag(ctx.conn, "paused")
         if paused is not None:
-            ctx.stderr.write(f"Backend is PAUSED ({paused}): no new jobs start; "
-                             "`jr-reboot-prep --resume` lifts it\n")
+            ctx.stderr.write(
+                f"Backend is PAUSED ({paused}): no new jobs start; "
+                "`jr-reboot-prep --resume` lifts it\n"
+            )
         rows = [{"id": r["workspace"], **r} for r in rows]
         ctx.emit(rows, ["workspace", *states, "total"])
         return 0

@@ -17,7 +17,9 @@ def study(tmp_path):
 
 def job_count(workdir):
     path = workdir / "db.sqlite"
-    return db.connect(path).execute("SELECT COUNT(*) FROM job").fetchone()[0] if path.exists() else 0
+    return (
+        db.connect(path).execute("SELECT COUNT(*) FROM job").fetchone()[0] if path.exists() else 0
+    )
 
 
 def test_run_all_creates_every_action_and_prints_the_jobs(study):
@@ -26,15 +28,20 @@ def test_run_all_creates_every_action_and_prints_the_jobs(study):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "id\trequest\tworkspace\taction\tstate\tstatus_code\tstatus_message"
-    assert [line.split("\t")[3:5] for line in lines[1:]] == [["extract", "pending"], ["model", "pending"],
-                                                              ["report", "pending"]]
+    assert [line.split("\t")[3:5] for line in lines[1:]] == [
+        ["extract", "pending"],
+        ["model", "pending"],
+        ["report", "pending"],
+    ]
     assert "Created 3 new jobs req=" in result.stderr
     assert job_count(workdir) == 3
 
 
 def test_ids_output_pipes_into_jr_ls(study):
     workdir, repo, _ = study
-    ids = run("jr-add-job", str(repo), "model", "-o", "ids", "--workspace", "w1", workdir=workdir).stdout
+    ids = run(
+        "jr-add-job", str(repo), "model", "-o", "ids", "--workspace", "w1", workdir=workdir
+    ).stdout
     assert len(ids.split()) == 2
     listed = run("jr-ls", "-o", "ids", "-", workdir=workdir, input=ids)
     assert sorted(listed.stdout.split()) == sorted(ids.split())
@@ -44,11 +51,15 @@ def test_branch_and_commit_select_what_runs(study):
     workdir, repo, sha = study
     git(repo, "checkout", "-q", "-b", "other")
     other = commit_files(repo, SIMPLE_PROJECT, message="other")
-    out = run("jr-add-job", str(repo), "extract", "--branch", "other", "-o", "jsonl", workdir=workdir)
+    out = run(
+        "jr-add-job", str(repo), "extract", "--branch", "other", "-o", "jsonl", workdir=workdir
+    )
     assert out.returncode == 0, out.stderr
     conn = db.connect(workdir / "db.sqlite")
     assert conn.execute('SELECT "commit" FROM job').fetchone()[0] == other
-    out = run("jr-add-job", str(repo), "extract", "--commit", sha, "--workspace", "b", workdir=workdir)
+    out = run(
+        "jr-add-job", str(repo), "extract", "--commit", sha, "--workspace", "b", workdir=workdir
+    )
     assert out.returncode == 0
     assert conn.execute("SELECT \"commit\" FROM job WHERE workspace = 'b'").fetchone()[0] == sha
 
@@ -64,13 +75,16 @@ def test_dry_run_validates_and_writes_nothing(study):
 
 def test_invalid_project_lists_every_problem_and_exits_1(study):
     workdir, repo, _ = study
-    bad = SIMPLE_PROJECT.replace("needs: [extract]", "needs: [nothere]").replace("r:v1 analysis", "r analysis")
+    bad = SIMPLE_PROJECT.replace("needs: [extract]", "needs: [nothere]").replace(
+        "r:v1 analysis", "r analysis"
+    )
     commit_files(repo, bad)
     result = run("jr-add-job", "--dry-run", str(repo), workdir=workdir)
     assert result.returncode == 1 and result.stdout == ""
     assert "nothere" in result.stderr and "must have a version specified" in result.stderr
     assert result.stderr.rstrip().splitlines()[-1] == (
-        f"jr-add-job: {repo}: project.yaml is invalid (2 problems); nothing was submitted")
+        f"jr-add-job: {repo}: project.yaml is invalid (2 problems); nothing was submitted"
+    )
     assert "Traceback" not in result.stderr and job_count(workdir) == 0
 
 
@@ -87,7 +101,10 @@ def test_missing_project_yaml(study):
     commit_files(repo, None)
     result = run("jr-add-job", str(repo), workdir=workdir)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == f"jr-add-job: JobRequestError: No project.yaml file found in {repo}"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == f"jr-add-job: JobRequestError: No project.yaml file found in {repo}"
+    )
     assert job_count(workdir) == 0
 
 
@@ -96,7 +113,8 @@ def test_unknown_action(study):
     result = run("jr-add-job", str(repo), "nope", workdir=workdir)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        "jr-add-job: UnknownActionError: Action 'nope' not found in project.yaml")
+        "jr-add-job: UnknownActionError: Action 'nope' not found in project.yaml"
+    )
     assert job_count(workdir) == 0
 
 
@@ -104,7 +122,11 @@ def test_unknown_commit(study):
     workdir, repo, _ = study
     result = run("jr-add-job", str(repo), "--commit", "e" * 40, workdir=workdir)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(f"jr-add-job: GitError: Error fetching commit {'e' * 40}")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"jr-add-job: GitError: Error fetching commit {'e' * 40}")
+    )
     assert job_count(workdir) == 0
 
 

@@ -15,16 +15,25 @@ SCRIPT = ROOT / "completions" / "jr.bash"
 
 
 def test_checked_in_script_is_up_to_date():
-    assert SCRIPT.read_text() == completion.generate(), "run `make completions` and commit completions/jr.bash"
+    assert SCRIPT.read_text() == completion.generate(), (
+        "run `make completions` and commit completions/jr.bash"
+    )
 
 
 def complete(words: list[str], env: dict[str, str]) -> list[str]:
     """Run bash (no bash-completion package) with COMP_WORDS/COMP_CWORD set; return COMPREPLY."""
     quoted = " ".join("'" + w.replace("'", "'\\''") + "'" for w in words)
-    script = (f"source {SCRIPT}; COMP_WORDS=({quoted}); COMP_CWORD={len(words) - 1}; _jr_complete; "
-              "printf '%s\\n' \"${COMPREPLY[@]}\"")
-    result = subprocess.run(["bash", "--norc", "--noprofile", "-c", script], capture_output=True, text=True,
-                            env=env, check=True)
+    script = (
+        f"source {SCRIPT}; COMP_WORDS=({quoted}); COMP_CWORD={len(words) - 1}; _jr_complete; "
+        "printf '%s\\n' \"${COMPREPLY[@]}\""
+    )
+    result = subprocess.run(
+        ["bash", "--norc", "--noprofile", "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     return [line for line in result.stdout.splitlines() if line]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import calendar
 import subprocess
 import time
+
 import pytest
 
 from tests.support.cli import ROOT, tool_env
@@ -42,26 +43,52 @@ def _ts(text: str | None) -> int | None:
 
 
 @pytest.mark.docker
-def test_website_request_runs_and_the_website_ends_with_every_final_state(tmp_path, fake_jobserver, docker_label):
+def test_website_request_runs_and_the_website_ends_with_every_final_state(
+    tmp_path, fake_jobserver, docker_label
+):
     repo, sha = make_study(tmp_path / "study", PROJECT, FILES)
-    request = fake_jobserver.add_request(sha=sha, requested_actions=["run_all"],
-                                         workspace={"name": "e2e", "repo": str(repo), "branch": "main"})
-    env = tool_env(tmp_path / "workdir", JOB_SERVER_ENDPOINT=fake_jobserver.url,
-                   JOB_SERVER_TOKEN=fake_jobserver.token, POLL_INTERVAL="1", STATUS_REFRESH_INTERVAL="2",
-                   MAX_WORKERS="2", JR_EXTRA_LABELS=docker_label)
-    result = subprocess.run([str(ROOT / "service" / "jr-service"), "--until-idle"], env=env, capture_output=True,
-                            text=True, timeout=240)
+    request = fake_jobserver.add_request(
+        sha=sha,
+        requested_actions=["run_all"],
+        workspace={"name": "e2e", "repo": str(repo), "branch": "main"},
+    )
+    env = tool_env(
+        tmp_path / "workdir",
+        JOB_SERVER_ENDPOINT=fake_jobserver.url,
+        JOB_SERVER_TOKEN=fake_jobserver.token,
+        POLL_INTERVAL="1",
+        STATUS_REFRESH_INTERVAL="2",
+        MAX_WORKERS="2",
+        JR_EXTRA_LABELS=docker_label,
+    )
+    result = subprocess.run(
+        [str(ROOT / "service" / "jr-service"), "--until-idle"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    jobs = {j["action"]: j for j in fake_jobserver.jobs.values() if j["job_request_id"] == request["identifier"]}
+    jobs = {
+        j["action"]: j
+        for j in fake_jobserver.jobs.values()
+        if j["job_request_id"] == request["identifier"]
+    }
     assert {a: (j["status"], j["status_code"]) for a, j in jobs.items()} == {
-        "slow": ("succeeded", "succeeded"), "quick": ("succeeded", "succeeded"),
-        "broken": ("failed", "nonzero_exit")}
+        "slow": ("succeeded", "succeeded"),
+        "quick": ("succeeded", "succeeded"),
+        "broken": ("failed", "nonzero_exit"),
+    }
     assert jobs["broken"]["status_message"] == "Job exited with error code 2"
     assert all(j["completed_at"] and j["run_command"] for j in jobs.values())
     assert not fake_jobserver.is_active(request["identifier"])
     # "Last updated by runner": while `slow` ran, each post carried a fresh updated_at, never
     # more than the refresh interval plus a poll or two behind.
-    history = [job for _at, job in fake_jobserver.history[jobs["slow"]["identifier"]] if job["status"] == "running"]
+    history = [
+        job
+        for _at, job in fake_jobserver.history[jobs["slow"]["identifier"]]
+        if job["status"] == "running"
+    ]
     stamps = sorted({_ts(job["updated_at"]) for job in history})
     assert len(stamps) >= 3, stamps
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]

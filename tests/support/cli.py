@@ -11,9 +11,19 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / "bin"
 
 # Settings that must never leak from the developer's shell or .env into a test.
-_SCRUB = ("JOB_SERVER_ENDPOINT", "JOB_SERVER_TOKEN", "BACKEND", "HIGH_PRIVACY_STORAGE_BASE",
-          "MEDIUM_PRIVACY_STORAGE_BASE", "WORK_DIR", "LOGLEVEL", "MAX_WORKERS", "DEBUG_LOG_FILE",
-          "STATS_DATABASE_FILE", "USING_DUMMY_DATA_BACKEND")
+_SCRUB = (
+    "JOB_SERVER_ENDPOINT",
+    "JOB_SERVER_TOKEN",
+    "BACKEND",
+    "HIGH_PRIVACY_STORAGE_BASE",
+    "MEDIUM_PRIVACY_STORAGE_BASE",
+    "WORK_DIR",
+    "LOGLEVEL",
+    "MAX_WORKERS",
+    "DEBUG_LOG_FILE",
+    "STATS_DATABASE_FILE",
+    "USING_DUMMY_DATA_BACKEND",
+)
 
 
 def tool_env(workdir: Path, **extra: str) -> dict[str, str]:
@@ -24,9 +34,21 @@ def tool_env(workdir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def run(tool: str, *args: str, workdir: Path, input: str | None = None, timeout: float = 120,
-        **extra_env: str) -> subprocess.CompletedProcess[str]:
+def run(
+    tool: str,
+    *args: str,
+    workdir: Path,
+    input: str | None = None,
+    timeout: float = 120,
+    **extra_env: str,
+) -> subprocess.CompletedProcess[str]:
     """Run bin/<tool> with the venv's python; capture stdout and stderr as text."""
-    return subprocess.run([sys.executable, str(BIN / tool), *args], input=input if input is not None else "",
-                          capture_output=True, text=True, timeout=timeout, env=tool_env(workdir, **extra_env),
-                          cwd=str(workdir.parent))
+    return subprocess.run(
+        [sys.executable, str(BIN / tool), *args],
+        input=input if input is not None else "",
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=tool_env(workdir, **extra_env),
+        cwd=str(workdir.parent),
+    )

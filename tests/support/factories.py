@@ -12,10 +12,17 @@ _clock = itertools.count(1_700_000_000)
 
 def make_request(workspace: str = "ws", actions: list[str] | None = None, **kw) -> JobRequest:
     """A job request with sensible defaults."""
-    return JobRequest(id=kw.pop("id", None) or new_request_id(), repo_url=kw.pop("repo_url", "/repos/study"),
-                      commit=kw.pop("commit", "c" * 40), branch="main", requested_actions=actions or ["run_all"],
-                      cancelled_actions=[], workspace=workspace,
-                      database_name=kw.pop("database_name", "dummy"), **kw)
+    return JobRequest(
+        id=kw.pop("id", None) or new_request_id(),
+        repo_url=kw.pop("repo_url", "/repos/study"),
+        commit=kw.pop("commit", "c" * 40),
+        branch="main",
+        requested_actions=actions or ["run_all"],
+        cancelled_actions=[],
+        workspace=workspace,
+        database_name=kw.pop("database_name", "dummy"),
+        **kw,
+    )
 
 
 def make_job(request: JobRequest, action: str, state: State = State.PENDING, **kw) -> Job:
@@ -24,7 +31,15 @@ def make_job(request: JobRequest, action: str, state: State = State.PENDING, **k
     code = kw.pop("code", StatusCode.CREATED)
     message = kw.pop("message", "Created")
     if state is State.RUNNING:  # only the state machine makes running jobs
-        job = new_job(job_id(request.id, action), request, action, State.PENDING, StatusCode.CREATED, "Created",
-                      at=at, **kw)
+        job = new_job(
+            job_id(request.id, action),
+            request,
+            action,
+            State.PENDING,
+            StatusCode.CREATED,
+            "Created",
+            at=at,
+            **kw,
+        )
         return transition(job, State.RUNNING, code, message, at=at)
     return new_job(job_id(request.id, action), request, action, state, code, message, at=at, **kw)

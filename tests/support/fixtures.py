@@ -25,8 +25,16 @@ def workdir(tmp_path, monkeypatch: pytest.MonkeyPatch):
     path = tmp_path / "workdir"
     monkeypatch.setenv("WORKDIR", str(path))
     monkeypatch.setenv("JR_ENV_FILE", str(tmp_path / "no.env"))
-    for name in ("JOB_SERVER_ENDPOINT", "JOB_SERVER_TOKEN", "BACKEND", "HIGH_PRIVACY_STORAGE_BASE",
-                 "MEDIUM_PRIVACY_STORAGE_BASE", "WORK_DIR", "DEBUG_LOG_FILE", "STATS_DATABASE_FILE"):
+    for name in (
+        "JOB_SERVER_ENDPOINT",
+        "JOB_SERVER_TOKEN",
+        "BACKEND",
+        "HIGH_PRIVACY_STORAGE_BASE",
+        "MEDIUM_PRIVACY_STORAGE_BASE",
+        "WORK_DIR",
+        "DEBUG_LOG_FILE",
+        "STATS_DATABASE_FILE",
+    ):
         monkeypatch.delenv(name, raising=False)
     return path
 

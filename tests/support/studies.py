@@ -6,8 +6,14 @@ import os
 import subprocess
 from pathlib import Path
 
-GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@localhost", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@localhost",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@localhost",
+    "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_CONFIG_NOSYSTEM": "1",
+}
 
 SIMPLE_PROJECT = """\
 version: "5"
@@ -41,20 +47,26 @@ SIMPLE_SCRIPTS = {
 def git(repo: Path, *args: str) -> str:
     """Run git in repo and return its stdout."""
     env = {**os.environ, **GIT_ENV}
-    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
-                          env=env).stdout.strip()
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True, env=env
+    ).stdout.strip()
 
 
-def make_study(path: Path, project: str | None = SIMPLE_PROJECT, files: dict[str, str] | None = None,
-               branch: str = "main") -> tuple[Path, str]:
+def make_study(
+    path: Path,
+    project: str | None = SIMPLE_PROJECT,
+    files: dict[str, str] | None = None,
+    branch: str = "main",
+) -> tuple[Path, str]:
     """Create a git repo with project.yaml and files committed; return (path, commit sha)."""
     path.mkdir(parents=True, exist_ok=True)
     git(path, "init", "-q", "-b", branch)
     return path, commit_files(path, project, SIMPLE_SCRIPTS if files is None else files)
 
 
-def commit_files(path: Path, project: str | None, files: dict[str, str] | None = None,
-                 message: str = "update") -> str:
+def commit_files(
+    path: Path, project: str | None, files: dict[str, str] | None = None, message: str = "update"
+) -> str:
     """Write (or with project=None, remove) project.yaml and files, commit, return the sha."""
     if project is None:
         (path / "project.yaml").unlink(missing_ok=True)

@@ -28,8 +28,12 @@ def test_embedded_defaults_need_no_env_at_all(tmp_path):
 
 
 def test_production_backend_gets_spec_defaults(tmp_path):
-    config = cfg(tmp_path, BACKEND="tpp", JOB_SERVER_ENDPOINT="https://jobs.example.org/api/v2",
-                 JOB_SERVER_TOKEN="s3cret-token")
+    config = cfg(
+        tmp_path,
+        BACKEND="tpp",
+        JOB_SERVER_ENDPOINT="https://jobs.example.org/api/v2",
+        JOB_SERVER_TOKEN="s3cret-token",
+    )
     assert config.using_dummy_data_backend is False
     assert config.allow_local_repos is False
     assert config.docker_registry == "ghcr.io/opensafely-core"
@@ -56,22 +60,34 @@ def test_dummy_data_flag_accepts_spec_truthy_values(tmp_path):
         assert cfg(tmp_path, BACKEND="tpp", USING_DUMMY_DATA_BACKEND=value).using_dummy_data_backend
 
 
-@pytest.mark.parametrize(("env", "needle"), [
-    ({"BACKEND": "bad name"}, "BACKEND="),
-    ({"BACKEND": "-x"}, "BACKEND="),
-    ({"JOB_SERVER_ENDPOINT": "ftp://x"}, "JOB_SERVER_ENDPOINT="),
-    ({"JOB_SERVER_ENDPOINT": "https://jobs.example.org/api/v2/"}, "JOB_SERVER_TOKEN is empty"),
-    ({"JOB_SERVER_ENDPOINT": "https://jobs.example.org/api/v2/", "JOB_SERVER_TOKEN": "  "}, "JOB_SERVER_TOKEN is empty"),
-    ({"JOB_SERVER_ENDPOINT": "https://jobs.example.org/api/v2/", "JOB_SERVER_TOKEN": "token"}, "placeholder"),
-    ({"POLL_INTERVAL": "soon"}, "POLL_INTERVAL="),
-    ({"MAX_WORKERS": "-1"}, "MAX_WORKERS="),
-    ({"USING_DUMMY_DATA_BACKEND": "maybe"}, "USING_DUMMY_DATA_BACKEND="),
-    ({"LOGLEVEL": "LOUD"}, "LOGLEVEL="),
-    ({"PRESTO_TLS_CERT_PATH": "/x"}, "PRESTO_TLS_CERT_PATH and PRESTO_TLS_KEY_PATH"),
-    ({"JOB_MEMORY_LIMIT": "lots"}, "JOB_MEMORY_LIMIT="),
-    ({"ALLOWED_IMAGES": " , "}, "ALLOWED_IMAGES"),
-    ({"JOB_PIDS_LIMIT": "3"}, "JOB_PIDS_LIMIT="),
-])
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"BACKEND": "bad name"}, "BACKEND="),
+        ({"BACKEND": "-x"}, "BACKEND="),
+        ({"JOB_SERVER_ENDPOINT": "ftp://x"}, "JOB_SERVER_ENDPOINT="),
+        ({"JOB_SERVER_ENDPOINT": "https://jobs.example.org/api/v2/"}, "JOB_SERVER_TOKEN is empty"),
+        (
+            {"JOB_SERVER_ENDPOINT": "https://jobs.example.org/api/v2/", "JOB_SERVER_TOKEN": "  "},
+            "JOB_SERVER_TOKEN is empty",
+        ),
+        (
+            {
+                "JOB_SERVER_ENDPOINT": "https://jobs.example.org/api/v2/",
+                "JOB_SERVER_TOKEN": "token",
+            },
+            "placeholder",
+        ),
+        ({"POLL_INTERVAL": "soon"}, "POLL_INTERVAL="),
+        ({"MAX_WORKERS": "-1"}, "MAX_WORKERS="),
+        ({"USING_DUMMY_DATA_BACKEND": "maybe"}, "USING_DUMMY_DATA_BACKEND="),
+        ({"LOGLEVEL": "LOUD"}, "LOGLEVEL="),
+        ({"PRESTO_TLS_CERT_PATH": "/x"}, "PRESTO_TLS_CERT_PATH and PRESTO_TLS_KEY_PATH"),
+        ({"JOB_MEMORY_LIMIT": "lots"}, "JOB_MEMORY_LIMIT="),
+        ({"ALLOWED_IMAGES": " , "}, "ALLOWED_IMAGES"),
+        ({"JOB_PIDS_LIMIT": "3"}, "JOB_PIDS_LIMIT="),
+    ],
+)
 def test_invalid_settings_name_the_variable_and_exit_78(tmp_path, env, needle):
     with pytest.raises(ConfigError) as info:
         cfg(tmp_path, **env)
@@ -82,10 +98,16 @@ def test_invalid_settings_name_the_variable_and_exit_78(tmp_path, env, needle):
 
 def test_presto_files_must_exist_and_their_contents_are_used(tmp_path):
     with pytest.raises(ConfigError, match="PRESTO_TLS_CERT_PATH=.*cannot be read"):
-        cfg(tmp_path, PRESTO_TLS_CERT_PATH=str(tmp_path / "no"), PRESTO_TLS_KEY_PATH=str(tmp_path / "no"))
+        cfg(
+            tmp_path,
+            PRESTO_TLS_CERT_PATH=str(tmp_path / "no"),
+            PRESTO_TLS_KEY_PATH=str(tmp_path / "no"),
+        )
     (tmp_path / "c").write_text("CERT")
     (tmp_path / "k").write_text("KEY")
-    config = cfg(tmp_path, PRESTO_TLS_CERT_PATH=str(tmp_path / "c"), PRESTO_TLS_KEY_PATH=str(tmp_path / "k"))
+    config = cfg(
+        tmp_path, PRESTO_TLS_CERT_PATH=str(tmp_path / "c"), PRESTO_TLS_KEY_PATH=str(tmp_path / "k")
+    )
     assert (config.presto_tls_cert, config.presto_tls_key) == ("CERT", "KEY")
 
 
@@ -99,16 +121,19 @@ def test_database_urls_are_collected(tmp_path):
     assert dict(config.database_urls) == {"full": "mssql://x"}
 
 
-@pytest.mark.parametrize(("given", "expected"), [
-    ("/e/high_privacy", "E:\\high_privacy"),
-    ("/e/high_privacy/workspaces", "E:\\high_privacy\\workspaces"),
-    ("E:\\high_privacy", "E:\\high_privacy"),
-    ("e:/high_privacy", "E:\\high_privacy"),
-    ("D:\\a//b", "D:\\a\\b"),
-    ("/c", "C:\\"),
-    ("\\\\server\\share\\x", "\\\\server\\share\\x"),
-    ("relative/dir", "relative\\dir"),
-])
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("/e/high_privacy", "E:\\high_privacy"),
+        ("/e/high_privacy/workspaces", "E:\\high_privacy\\workspaces"),
+        ("E:\\high_privacy", "E:\\high_privacy"),
+        ("e:/high_privacy", "E:\\high_privacy"),
+        ("D:\\a//b", "D:\\a\\b"),
+        ("/c", "C:\\"),
+        ("\\\\server\\share\\x", "\\\\server\\share\\x"),
+        ("relative/dir", "relative\\dir"),
+    ],
+)
 def test_windows_path_normaliser(given, expected):
     assert to_windows_path(given) == expected
 

@@ -28,7 +28,10 @@ def finish(conn, jobs, state=State.SUCCEEDED):
     """Mark jobs final as the run side would."""
     for job in jobs:
         code = StatusCode.SUCCEEDED if state is State.SUCCEEDED else StatusCode.NONZERO_EXIT
-        conn.execute("UPDATE job SET state = ?, status_code = ? WHERE id = ?", (state.value, code.value, job.id))
+        conn.execute(
+            "UPDATE job SET state = ?, status_code = ? WHERE id = ?",
+            (state.value, code.value, job.id),
+        )
 
 
 def test_a_request_creates_the_action_and_its_missing_dependencies_in_order(setup):
@@ -72,7 +75,9 @@ def test_in_flight_dependencies_are_waited_on(setup):
 def test_force_run_dependencies_reruns_everything(setup):
     config, conn, repo, sha = setup
     finish(conn, handle_request(config, conn, request(repo, sha, ["model"])).jobs)
-    forced = handle_request(config, conn, request(repo, sha, ["report"], force_run_dependencies=True))
+    forced = handle_request(
+        config, conn, request(repo, sha, ["report"], force_run_dependencies=True)
+    )
     assert [j.action for j in forced.jobs] == ["extract", "model", "report"]
 
 
@@ -90,8 +95,11 @@ def test_run_all_reruns_every_action_even_after_failures(setup):
     config, conn, repo, sha = setup
     finish(conn, handle_request(config, conn, request(repo, sha, ["extract"])).jobs, State.FAILED)
     jobs = handle_request(config, conn, request(repo, sha, ["run_all"])).jobs
-    assert [(j.action, j.state) for j in jobs] == [("extract", State.PENDING), ("model", State.PENDING),
-                                                   ("report", State.PENDING)]
+    assert [(j.action, j.state) for j in jobs] == [
+        ("extract", State.PENDING),
+        ("model", State.PENDING),
+        ("report", State.PENDING),
+    ]
 
 
 def test_requesting_only_scheduled_actions_is_an_error_job(setup):
@@ -99,7 +107,10 @@ def test_requesting_only_scheduled_actions_is_an_error_job(setup):
     handle_request(config, conn, request(repo, sha, ["extract"]))
     outcome = handle_request(config, conn, request(repo, sha, ["extract"]))
     assert [j.action for j in outcome.jobs] == ["__error__"]
-    assert outcome.jobs[0].status_message == "JobRequestError: All requested actions were already scheduled to run"
+    assert (
+        outcome.jobs[0].status_message
+        == "JobRequestError: All requested actions were already scheduled to run"
+    )
 
 
 def test_unknown_action_becomes_one_failed_error_job(setup):
@@ -113,8 +124,12 @@ def test_unknown_action_becomes_one_failed_error_job(setup):
 
 def test_invalid_project_yaml_reports_every_problem(setup, tmp_path):
     config, conn, repo, _ = setup
-    sha = commit_files(repo, SIMPLE_PROJECT.replace("needs: [extract]", "needs: [extrct]").replace(
-        "python:v1 analysis/extract.sh", "python analysis/extract.sh"))
+    sha = commit_files(
+        repo,
+        SIMPLE_PROJECT.replace("needs: [extract]", "needs: [extrct]").replace(
+            "python:v1 analysis/extract.sh", "python analysis/extract.sh"
+        ),
+    )
     (job,) = handle_request(config, conn, request(repo, sha, ["run_all"])).jobs
     assert job.status_message.startswith("ProjectValidationError:")
     assert "extrct" in job.status_message and "must have a version specified" in job.status_message
@@ -146,7 +161,11 @@ def test_run_all_when_everything_succeeded_is_nothing_to_do(setup):
     config, conn, repo, sha = setup
     finish(conn, handle_request(config, conn, request(repo, sha, ["run_all"])).jobs)
     (job,) = handle_request(config, conn, request(repo, sha, ["run_all"])).jobs
-    assert (job.action, job.state, job.status_message) == ("run_all", State.SUCCEEDED, "All actions have already run")
+    assert (job.action, job.state, job.status_message) == (
+        "run_all",
+        State.SUCCEEDED,
+        "All actions have already run",
+    )
 
 
 def test_run_all_reuses_succeeded_actions_and_reruns_the_rest(setup):
@@ -156,12 +175,15 @@ def test_run_all_reuses_succeeded_actions_and_reruns_the_rest(setup):
     assert [j.action for j in jobs] == ["model", "report"]
 
 
-@pytest.mark.parametrize(("field", "value", "needle"), [
-    ("workspace", "bad name!", "Invalid workspace name"),
-    ("requested_actions", [], "At least one action"),
-    ("repo_url", "https://github.com/evil/study", "organisations: opensafely"),
-    ("repo_url", "https://gitlab.com/x/y", "not of the expected format"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("workspace", "bad name!", "Invalid workspace name"),
+        ("requested_actions", [], "At least one action"),
+        ("repo_url", "https://github.com/evil/study", "organisations: opensafely"),
+        ("repo_url", "https://gitlab.com/x/y", "not of the expected format"),
+    ],
+)
 def test_request_validation(setup, field, value, needle):
     config, _conn, repo, sha = setup
     req = request(repo, sha, ["extract"])
@@ -172,15 +194,19 @@ def test_request_validation(setup, field, value, needle):
 
 def test_local_repos_are_refused_on_a_production_backend(setup, tmp_path):
     _config, _conn, repo, sha = setup
-    prod = load_config(environ={"BACKEND": "tpp", "WORKDIR": str(tmp_path / "w"), "FULL_DATABASE_URL": "x"},
-                       env_file=tmp_path / "none")
+    prod = load_config(
+        environ={"BACKEND": "tpp", "WORKDIR": str(tmp_path / "w"), "FULL_DATABASE_URL": "x"},
+        env_file=tmp_path / "none",
+    )
     with pytest.raises(JobRequestError, match="local path"):
         validate_request(prod, request(repo, sha, ["extract"], database_name="full"))
 
 
 def test_database_must_be_configured_on_a_real_backend(setup, tmp_path):
     _config, _conn, _repo, sha = setup
-    prod = load_config(environ={"BACKEND": "tpp", "WORKDIR": str(tmp_path / "w")}, env_file=tmp_path / "none")
+    prod = load_config(
+        environ={"BACKEND": "tpp", "WORKDIR": str(tmp_path / "w")}, env_file=tmp_path / "none"
+    )
     req = make_request(actions=["x"], repo_url="https://github.com/opensafely/study", commit=sha)
     req.database_name = "full"
     with pytest.raises(JobRequestError, match="Database name 'full' is not currently defined"):

@@ -25,16 +25,20 @@ def test_old_backend_database_is_upgraded_in_place_keeping_its_jobs(tmp_path):
     path = tmp_path / "db.sqlite"
     old = sqlite3.connect(path)
     old.executescript(db.MIGRATIONS[0])
-    old.execute("INSERT INTO job (id, job_request_id, state, action, status_code, cancelled, created_at, "
-                "updated_at, requires_outputs_from, wait_for_job_ids, output_spec) VALUES "
-                "('abcdabcdabcdabcd', 'rrrrrrrrrrrrrrrr', 'failed', 'extract', 'StatusCode.NONZERO_EXIT', 0, 1, 2, "
-                "'[]', '[]', '{}')")
+    old.execute(
+        "INSERT INTO job (id, job_request_id, state, action, status_code, cancelled, created_at, "
+        "updated_at, requires_outputs_from, wait_for_job_ids, output_spec) VALUES "
+        "('abcdabcdabcdabcd', 'rrrrrrrrrrrrrrrr', 'failed', 'extract', 'StatusCode.NONZERO_EXIT', 0, 1, 2, "
+        "'[]', '[]', '{}')"
+    )
     old.commit()
     old.close()
     conn = db.connect(path)
     assert db.schema_version(conn) == db.SCHEMA_VERSION
     job = db.get_job(conn, "abcdabcdabcdabcd")
-    assert job is not None and job.state is State.FAILED and job.status_code is StatusCode.NONZERO_EXIT
+    assert (
+        job is not None and job.state is State.FAILED and job.status_code is StatusCode.NONZERO_EXIT
+    )
     assert job.rev == 0 and job.attempts == 0
 
 
@@ -55,9 +59,18 @@ def test_a_newer_schema_is_refused(tmp_path):
 def test_every_column_round_trips(tmp_path):
     conn = db.connect(tmp_path / "db.sqlite")
     req = make_request()
-    job = make_job(req, "extract", outputs={"output/a.csv": "highly_sensitive"}, unmatched_outputs=["x"],
-                   requires_outputs_from=["a"], wait_for_job_ids=["b" * 16], requires_db=True,
-                   output_spec={"highly_sensitive": {"a": "output/a.csv"}}, exit_code=3, error_detail="d")
+    job = make_job(
+        req,
+        "extract",
+        outputs={"output/a.csv": "highly_sensitive"},
+        unmatched_outputs=["x"],
+        requires_outputs_from=["a"],
+        wait_for_job_ids=["b" * 16],
+        requires_db=True,
+        output_spec={"highly_sensitive": {"a": "output/a.csv"}},
+        exit_code=3,
+        error_detail="d",
+    )
     db.insert_request(conn, req, [job])
     assert db.get_job(conn, job.id) == job
 
@@ -69,7 +82,9 @@ def test_compare_and_set_detects_a_racing_change(tmp_path):
     db.insert_request(conn, req, [job])
     first = db.save_job(conn, transition(job, State.RUNNING, StatusCode.PREPARING, "Preparing"))
     with pytest.raises(ConflictError):
-        db.save_job(conn, transition(job, State.FAILED, StatusCode.KILLED_BY_ADMIN, "Killed by admin"))
+        db.save_job(
+            conn, transition(job, State.FAILED, StatusCode.KILLED_BY_ADMIN, "Killed by admin")
+        )
     assert db.get_job(conn, job.id).state is State.RUNNING
     assert first.rev == 1
 
@@ -116,7 +131,9 @@ def test_four_processes_making_500_updates_each_lose_nothing(tmp_path):
     jobs = [make_job(req, f"a{i}") for i in range(3)]
     db.insert_request(conn, req, jobs)
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_hammer, args=(str(path), [j.id for j in jobs], 500)) for _ in range(4)]
+    procs = [
+        ctx.Process(target=_hammer, args=(str(path), [j.id for j in jobs], 500)) for _ in range(4)
+    ]
     for p in procs:
         p.start()
     for p in procs:

@@ -92,7 +92,11 @@ def test_short_fragments_are_a_usage_error():
 
 def test_dash_reads_first_fields_from_stdin_skipping_header_and_blanks():
     text = "id\trequest\taction\nabcdabcdabcdabcd\tr\tx\n\n# note\nefghefghefghefgh\n"
-    assert ids.expand_args(["-", "zzz"], io.StringIO(text)) == ["abcdabcdabcdabcd", "efghefghefghefgh", "zzz"]
+    assert ids.expand_args(["-", "zzz"], io.StringIO(text)) == [
+        "abcdabcdabcdabcd",
+        "efghefghefghefgh",
+        "zzz",
+    ]
 
 
 def test_piped_ids_resolve_to_those_jobs(store):

@@ -7,12 +7,23 @@ import itertools
 import pytest
 
 from jobrunner_lib.errors import IllegalTransition
-from jobrunner_lib.models import (ALLOWED, Job, JobRequest, State, StatusCode, make_slug, new_job,
-                                  project_name, transition)
+from jobrunner_lib.models import (
+    ALLOWED,
+    Job,
+    JobRequest,
+    State,
+    StatusCode,
+    make_slug,
+    new_job,
+    project_name,
+    transition,
+)
 
 
 def job(state: State, **kw) -> Job:
-    return Job(id="a" * 16, job_request_id="b" * 16, state=state, created_at=100, updated_at=100, **kw)
+    return Job(
+        id="a" * 16, job_request_id="b" * 16, state=state, created_at=100, updated_at=100, **kw
+    )
 
 
 @pytest.mark.parametrize(("old", "new"), list(itertools.product(State, State)))
@@ -32,9 +43,13 @@ def test_succeeded_jobs_never_move():
 
 
 def test_entering_running_sets_started_and_final_sets_completed():
-    running = transition(job(State.PENDING), State.RUNNING, StatusCode.PREPARING, "Preparing", at=150)
+    running = transition(
+        job(State.PENDING), State.RUNNING, StatusCode.PREPARING, "Preparing", at=150
+    )
     assert running.started_at == 150 and running.completed_at is None
-    done = transition(running, State.SUCCEEDED, StatusCode.SUCCEEDED, "Completed successfully", at=300)
+    done = transition(
+        running, State.SUCCEEDED, StatusCode.SUCCEEDED, "Completed successfully", at=300
+    )
     assert done.completed_at == 300 and done.started_at == 150
 
 
@@ -51,8 +66,16 @@ def test_retry_keeps_the_original_start_time():
 
 
 def test_new_final_job_has_all_timestamps():
-    req = JobRequest(id="r" * 16, repo_url="https://github.com/o/study.git", commit="c" * 40, branch="main",
-                     requested_actions=["a"], cancelled_actions=[], workspace="w", database_name="full")
+    req = JobRequest(
+        id="r" * 16,
+        repo_url="https://github.com/o/study.git",
+        commit="c" * 40,
+        branch="main",
+        requested_actions=["a"],
+        cancelled_actions=[],
+        workspace="w",
+        database_name="full",
+    )
     created = new_job("j" * 16, req, "__error__", State.FAILED, None, "JobRequestError: x", at=42)
     assert (created.created_at, created.started_at, created.completed_at) == (42, 42, 42)
     assert created.project == "study"
