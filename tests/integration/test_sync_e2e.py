@@ -25,6 +25,17 @@ actions:
     outputs:
       highly_sensitive:
         out: output/quick.csv
+  big:
+    run: python:v1 analysis/big.sh
+    outputs:
+      highly_sensitive:
+        out: output/big.bin
+  reader:
+    run: python:v1 analysis/reader.sh
+    needs: [big]
+    outputs:
+      moderately_sensitive:
+        out: output/size.txt
   broken:
     run: python:v1 analysis/broken.sh
     outputs:
@@ -32,7 +43,10 @@ actions:
         out: output/never.txt
 """
 FILES = {
-    "analysis/slow.sh": "mkdir -p output\nsleep 7\necho done > output/slow.txt\n",
+    "analysis/slow.sh": "mkdir -p output\nsleep 9\necho done > output/slow.txt\n",
+    # A large file copied out of one job and into the next while `slow` runs beside them.
+    "analysis/big.sh": "mkdir -p output\ndd if=/dev/zero of=output/big.bin bs=1M count=400 2>/dev/null\n",
+    "analysis/reader.sh": "wc -c < output/big.bin > output/size.txt\n",
     "analysis/quick.sh": "mkdir -p output\necho a,b > output/quick.csv\n",
     "analysis/broken.sh": "echo failing >&2\nexit 2\n",
 }
@@ -58,9 +72,10 @@ def test_website_request_runs_and_the_website_ends_with_every_final_state(
         JOB_SERVER_TOKEN=fake_jobserver.token,
         POLL_INTERVAL="1",
         STATUS_REFRESH_INTERVAL="2",
-        MAX_WORKERS="2",
+        MAX_WORKERS="3",
         JR_EXTRA_LABELS=docker_label,
     )
+    started = time.monotonic()
     result = subprocess.run(
         [str(ROOT / "service" / "jr-service"), "--until-idle"],
         env=env,
@@ -68,6 +83,7 @@ def test_website_request_runs_and_the_website_ends_with_every_final_state(
         text=True,
         timeout=240,
     )
+    print(f"service ran the request in {time.monotonic() - started:.1f}s")
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = {
         j["action"]: j
@@ -77,8 +93,12 @@ def test_website_request_runs_and_the_website_ends_with_every_final_state(
     assert {a: (j["status"], j["status_code"]) for a, j in jobs.items()} == {
         "slow": ("succeeded", "succeeded"),
         "quick": ("succeeded", "succeeded"),
+        "big": ("succeeded", "succeeded"),
+        "reader": ("succeeded", "succeeded"),
         "broken": ("failed", "nonzero_exit"),
     }
+    medium = tmp_path / "workdir" / "medium_privacy" / "workspaces" / "e2e"
+    assert (medium / "output" / "size.txt").read_text().strip() == str(400 * 2**20)
     assert jobs["broken"]["status_message"] == "Job exited with error code 2"
     assert all(j["completed_at"] and j["run_command"] for j in jobs.values())
     assert not fake_jobserver.is_active(request["identifier"])
