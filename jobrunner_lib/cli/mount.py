@@ -1,0 +1,258 @@
+"""jr-mount: look inside a job: its volume at /workspace and, while it runs, its processes.
+
+Starts a helper container (TOOLS_IMAGE: busybox + strace) with the job's volume at
+/workspace (the working directory) sharing the job container's PID namespace, so `ps faux` and
+`strace -fyp PID` see the job's processes. Without a command: an interactive shell on the
+terminal. With `-- CMD...`: runs CMD, passes on its stdout, stderr and exit code. The helper is
+removed on exit either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from .. import db, docker, ids
+from ..config import Config
+from ..errors import AmbiguousError, OperationFailed, UsageError
+from ..models import Job
+from .common import Context, Tool, is_terminal, run_tool
+from .watch_logs import binary
+
+ROLE_LABEL = ("org.jr.role", "mount")
+
+
+def mount_name(job_id: str) -> str:
+    """A fresh name for one jr-mount helper of this job (several operators may look at once)."""
+    return f"jr-mount-{job_id}-{os.urandom(3).hex()}"
+
+
+def jobs_with_volumes(config: Config, conn: Any) -> list[Job]:
+    """Jobs of this store whose volume exists, newest first."""
+    job_ids = set()
+    for volume in docker.list_volumes(config.backend):
+        job_id = (volume.get("Labels") or {}).get("org.jr.job-id")
+        if job_id and volume.get("Name") == docker.volume_name(job_id):
+            job_ids.add(job_id)
+    jobs = db.get_jobs(conn, sorted(job_ids))
+    return sorted(jobs, key=lambda j: (j.created_at, j.id), reverse=True)
+
+
+def no_volume_reason(job: Job) -> str:
+    """Why a job has no volume, in the operator's terms."""
+    if job.state.is_final:
+        return f"it is {job.state.value} and its volume was removed when it finished"
+    return f"it is {job.state.value} ({job.status_message or 'no status'}) and has not been prepared yet"
+
+
+class Mount(Tool):
+    name = "jr-mount"
+    component = "mount"
+    description = """Open a shell (or run a command) in a helper container (with CAP_SYS_PTRACE) that has the job's
+volume at /workspace and shares the job container's processes, so `ps faux` and `strace -fyp PID`
+work on the job. Also works on a finished job whose volume was kept (then without its processes).
+The helper is removed when the shell or command ends; jr-mount exits with its exit code."""
+    epilog = """examples:
+  jr-mount abcd                       a shell in job abcd…'s volume (needs a terminal)
+  jr-mount abcd -- ls -la             list the job's files
+  jr-mount abcd -- ps faux            the job's processes
+  jr-mount abcd -- strace -fyp 7      what process 7 of the job is doing (Ctrl-C stops)
+  jr-mount abcd -- cat output/x.log | less"""
+    takes_ids = "*"
+
+    def __init__(self) -> None:
+        self.command: list[str] = []
+
+    def build_parser(self) -> argparse.ArgumentParser:
+        """The shared parser, with the `-- CMD...` tail shown in the usage line."""
+        parser = super().build_parser()
+        parser.usage = "%(prog)s [-h] [-v | -q] [--pick] [ID] [-- CMD...]"
+        return parser
+
+    def main(self, argv: Sequence[str] | None = None, **streams: Any) -> int:
+        """Split off `-- CMD...` (argparse would mix it with the ID), then run as every tool does."""
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if "--" in argv:
+            cut = argv.index("--")
+            self.command, argv = argv[cut + 1 :], argv[:cut]
+        return super().main(argv, **streams)
+
+    def run(self, ctx: Context) -> int:
+        config = ctx.config
+        assert config is not None
+        shell = not self.command
+        job = self.choose_job(ctx, config)
+        if shell:
+            self.check_terminal(ctx)
+        volume = docker.volume_name(job.id)
+        if not docker.volume_exists(volume):
+            raise OperationFailed(f"job {job.id} has no volume to mount: {no_volume_reason(job)}")
+        if not docker.image_exists(config.tools_image):
+            raise OperationFailed(
+                f"image {config.tools_image} (TOOLS_IMAGE) is not available: "
+                "run scripts/build-images, or pull it"
+            )
+        target = docker.container_name(job.id)
+        info = docker.inspect_container(target)
+        running = bool(info and info["State"].get("Running"))
+        if not running:
+            ctx.say(
+                f"job {job.id} is {job.state.value} and its container is not running: "
+                "mounting its volume only (no processes to see)"
+            )
+        name = mount_name(job.id)
+        self.create(config, job, name, volume, target if running else None, shell)
+        try:
+            if shell:
+                ctx.say(f"{name}: the job's volume is at /workspace; `exit` ends the shell")
+                return self.attach_shell(name)
+            return self.run_command(ctx, name)
+        finally:
+            docker.remove_container(name)
+
+    def check_terminal(self, ctx: Context) -> None:
+        """An interactive shell needs a real terminal (or winpty under mintty)."""
+        if is_terminal(ctx.stdin) and is_terminal(ctx.stdout):
+            return
+        if os.name == "nt" and shutil.which("winpty"):
+            return  # git-bash's mintty: attach through winpty
+        raise UsageError(
+            "an interactive shell needs a terminal: give a command after --, "
+            "e.g. jr-mount ID -- ls -la"
+        )
+
+    def choose_job(self, ctx: Context, config: Config) -> Job:
+        """The one job to mount: from the ID arguments, or picked among jobs with a volume."""
+        args = ctx.args
+        if args.ids:
+            jobs = ctx.resolve_jobs(args.ids)
+            if len(jobs) == 1:
+                return jobs[0]
+            # A request ID stands for all its jobs: only those with a volume can be mounted.
+            docker.ping()
+            candidates = [j for j in jobs if docker.volume_exists(docker.volume_name(j.id))]
+            if not candidates:
+                raise OperationFailed(
+                    f"none of the {len(jobs)} jobs matching {' '.join(args.ids)} "
+                    "has a volume to mount"
+                )
+            return self.pick(ctx, " ".join(args.ids), candidates)
+        docker.ping()
+        candidates = jobs_with_volumes(config, ctx.conn)
+        if not candidates:
+            raise OperationFailed(
+                "No job has a volume to mount (finished jobs' volumes are removed)"
+            )
+        if not ctx.interactive:
+            listing = "\n".join(
+                f"  {ids.Target('job', j.id, (j,)).describe()}" for j in candidates[:50]
+            )
+            raise UsageError(f"give the ID of the job to mount; jobs with a volume:\n{listing}")
+        # Like the old tool's menu: without an ID, always show what is being mounted.
+        return self.pick(ctx, "mount", candidates, always=True)
+
+    def pick(self, ctx: Context, label: str, jobs: Sequence[Job], *, always: bool = False) -> Job:
+        """One of several jobs: the picker on a terminal, else exit 4 listing them."""
+        if len(jobs) == 1 and not always:
+            return jobs[0]
+        targets = [ids.Target("job", j.id, (j,)) for j in jobs]
+        if not ctx.interactive:
+            listing = "\n".join(f"  {t.describe()}" for t in targets[:50])
+            raise AmbiguousError(
+                f"'{label}' matches {len(jobs)} jobs with a volume; give one job ID "
+                f"or use --pick:\n{listing}"
+            )
+        return ctx.pick(label, targets).jobs[0]
+
+    def create(
+        self, config: Config, job: Job, name: str, volume: str, pid_of: str | None, shell: bool
+    ) -> None:
+        """Create the helper (not started), labelled like every jr object."""
+        api = docker.client().api
+        host_config = api.create_host_config(
+            binds={volume: {"bind": docker.WORKSPACE, "mode": "rw"}},
+            # Just enough to strace the job's processes: `--privileged` (the old tool's choice)
+            # grants every capability, which some engines refuse and none of which we need.
+            cap_add=["SYS_PTRACE"],
+            network_mode="none",
+            pid_mode=f"container:{pid_of}" if pid_of else None,
+        )
+        with docker._calls("create mount container"):
+            api.create_container(
+                config.tools_image,
+                self.command or ["sh"],
+                name=name,
+                host_config=host_config,
+                labels={**docker.labels(config.backend, job.id), ROLE_LABEL[0]: ROLE_LABEL[1]},
+                working_dir=docker.WORKSPACE,
+                user="0:0",
+                tty=shell,
+                stdin_open=shell,
+                environment={"PS1": f"jr-mount {job.id} \\w # "} if shell else None,
+                detach=True,
+            )
+
+    def attach_shell(self, name: str) -> int:
+        """Hand the terminal to the helper's shell through the docker CLI (it owns raw TTY mode)."""
+        docker_cli = shutil.which("docker")
+        if docker_cli is None:
+            raise OperationFailed(
+                "the docker command is needed for an interactive shell; "
+                "or give a command after --, e.g. jr-mount ID -- ls -la"
+            )
+        prefix = (
+            [shutil.which("winpty") or "winpty"]
+            if os.name == "nt" and not sys.stdin.isatty()
+            else []
+        )
+        return subprocess.call([*prefix, docker_cli, "start", "--attach", "--interactive", name])
+
+    def run_command(self, ctx: Context, name: str) -> int:
+        """Start the helper, pass its stdout and stderr on as they come, return its exit code."""
+        api = docker.client().api
+        with docker._calls("start mount container"):
+            api.start(name)
+        errors: list[BaseException] = []
+        stderr_copy = threading.Thread(
+            target=self._copy,
+            args=(api, name, "stderr", ctx.stderr, errors),
+            name="stderr",
+            daemon=True,
+        )
+        stderr_copy.start()
+        self._copy(api, name, "stdout", ctx.stdout, errors)
+        stderr_copy.join(30)
+        if errors:
+            raise errors[0]
+        with docker._calls("wait for mount container"):
+            return int(api.wait(name)["StatusCode"])
+
+    @staticmethod
+    def _copy(api: Any, name: str, which: str, stream: TextIO, errors: list[BaseException]) -> None:
+        out = binary(stream)
+        try:
+            with docker._calls(f"{which} of {name}"):
+                # Logs, not attach: the SDK lifts its read timeout for log streams only, and a
+                # quiet `strace` may say nothing for minutes.
+                for chunk in api.logs(
+                    name,
+                    stream=True,
+                    follow=True,
+                    stdout=which == "stdout",
+                    stderr=which == "stderr",
+                ):
+                    out.write(chunk)
+                    out.flush()
+        except Exception as exc:  # noqa: BLE001 - reported by the caller (Ctrl-C passes through)
+            errors.append(exc)
+
+
+def main() -> None:
+    """Entry point."""
+    run_tool(Mount)
