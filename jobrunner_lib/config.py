@@ -312,7 +312,7 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
         workdir=workdir,
         high_privacy_storage_base=high,
         medium_privacy_storage_base=medium,
-        stats_database_file=normalise_path(stats, base=CHECKOUT_DIR) if stats else None,
+        stats_database_file=_stats_file(env, stats, workdir),
         stats_poll_interval=r.number("STATS_POLL_INTERVAL", 10.0, minimum=0.1),
         debug_log_file=normalise_path(debug_log, base=CHECKOUT_DIR) if debug_log else None,
         loglevel=loglevel,
@@ -355,6 +355,16 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
         presto_tls_key=key,
         stata_license=r.str("STATA_LICENSE"),
     )
+
+
+def _stats_file(env: Mapping[str, str], value: str | None, workdir: Path) -> Path | None:
+    """Stats go to `$WORKDIR/stats.sqlite` unless STATS_DATABASE_FILE names another file or `off`."""
+    if value is None:
+        # Set but empty means off, as the old backend read an unset variable.
+        return None if "STATS_DATABASE_FILE" in env else workdir / "stats.sqlite"
+    if value.lower() in ("off", "none", "false", "0"):
+        return None
+    return normalise_path(value, base=CHECKOUT_DIR)
 
 
 def _read_secret_file(name: str, path: Path) -> str:

@@ -13,6 +13,7 @@ import shlex
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import db, git
 from .config import Config
@@ -145,17 +146,18 @@ def load_project(config: Config, request: JobRequest) -> tuple[Pipeline, Path]:
     return load_pipeline(text, "project.yaml"), repo_dir
 
 
+def git_access(config: Config, repo_url: str) -> dict[str, Any]:
+    """The git options for this backend: bare repos dir, credentials (hosted repos only), proxy."""
+    token = None if is_local_repo(repo_url) else config.private_repo_access_token
+    return {"token": token, "backend": config.backend, "proxy_host": config.git_proxy_host}
+
+
 def fetch(config: Config, repo_url: str, commit: str) -> Path:
     """ensure_commit with this backend's credentials and proxy."""
     if not re.fullmatch(r"[0-9a-f]{40}", commit or ""):
         raise JobRequestError(f"Commit {commit!r} is not a full 40-character sha")
     return git.ensure_commit(
-        repo_url,
-        commit,
-        repos_dir=config.repos_dir,
-        token=None if is_local_repo(repo_url) else config.private_repo_access_token,
-        backend=config.backend,
-        proxy_host=config.git_proxy_host,
+        repo_url, commit, repos_dir=config.repos_dir, **git_access(config, repo_url)
     )
 
 
@@ -169,9 +171,7 @@ def plan_jobs(config: Config, conn: sqlite3.Connection, request: JobRequest) -> 
             request.commit or "",
             request.branch,
             repos_dir=config.repos_dir,
-            token=config.private_repo_access_token,
-            backend=config.backend,
-            proxy_host=config.git_proxy_host,
+            **git_access(config, request.repo_url),
         ):
             raise JobRequestError(
                 f"Could not find commit {request.commit} on branch {request.branch}"
@@ -296,32 +296,12 @@ def resolve_reusable_action(
     """Resolve `<image>:<tag>` as a reusable action (SPEC.md §5.9): (image, args, repo url, commit)."""
     where = f"in '{action}: {image}:{tag}'"
     repo_url = f"{config.actions_base_url}/{image}"
-    token = None if is_local_repo(repo_url) else config.private_repo_access_token
+    access = git_access(config, repo_url)
     try:
-        commit = git.tag_commit(
-            repo_url,
-            tag,
-            repos_dir=config.repos_dir,
-            token=token,
-            backend=config.backend,
-            proxy_host=config.git_proxy_host,
-        )
-        repo_dir = git.ensure_commit(
-            repo_url,
-            commit,
-            repos_dir=config.repos_dir,
-            token=token,
-            backend=config.backend,
-            proxy_host=config.git_proxy_host,
-        )
+        commit = git.tag_commit(repo_url, tag, **access)
+        repo_dir = fetch(config, repo_url, commit)
         on_main = git.commit_reachable_from(
-            repo_url,
-            commit,
-            "main",
-            repos_dir=config.repos_dir,
-            token=token,
-            backend=config.backend,
-            proxy_host=config.git_proxy_host,
+            repo_url, commit, "main", repos_dir=config.repos_dir, **access
         )
     except git.GitNetworkError:
         raise

@@ -10,7 +10,14 @@ import time
 from pathlib import Path
 
 from .. import git
-from ..create_jobs import JobRequestError, RetryLater, is_local_repo, plan_jobs, record_jobs
+from ..create_jobs import (
+    JobRequestError,
+    RetryLater,
+    git_access,
+    is_local_repo,
+    plan_jobs,
+    record_jobs,
+)
 from ..errors import OperationFailed, TemporaryFailure, UsageError
 from ..ids import new_request_id
 from ..models import RUN_ALL, JobRequest
@@ -74,11 +81,7 @@ class AddJob(Tool):
         branch = args.branch or "HEAD"
         try:
             commit = args.commit or git.resolve_ref(
-                repo_url,
-                branch,
-                token=self.token(config, repo_url),
-                backend=config.backend,
-                proxy_host=config.git_proxy_host,
+                repo_url, branch, **git_access(config, repo_url)
             )
         except git.GitNetworkError as exc:
             raise TemporaryFailure(f"cannot reach {repo_url}: {exc}") from None
@@ -161,11 +164,6 @@ class AddJob(Tool):
                 raise UsageError(f"repository {repo!r} does not exist")
             return str(path)
         return repo
-
-    @staticmethod
-    def token(config, repo_url: str) -> str | None:
-        """The private-repo token, only for hosted repositories."""
-        return None if is_local_repo(repo_url) else config.private_repo_access_token
 
 
 def _user() -> str:

@@ -141,3 +141,16 @@ def test_windows_path_normaliser(given, expected):
 def test_posix_paths_are_resolved_against_the_base(tmp_path):
     assert normalise_path("sub/dir", base=tmp_path) == tmp_path / "sub" / "dir"
     assert normalise_path(str(tmp_path)) == tmp_path
+
+
+def test_stats_default_to_the_workdir_and_can_be_turned_off(tmp_path):
+    assert (
+        cfg(tmp_path, WORKDIR=str(tmp_path / "w")).stats_database_file
+        == tmp_path / "w" / "stats.sqlite"
+    )
+    assert cfg(tmp_path, STATS_DATABASE_FILE="off").stats_database_file is None
+    assert cfg(tmp_path, STATS_DATABASE_FILE="").stats_database_file is None
+    assert (
+        cfg(tmp_path, STATS_DATABASE_FILE=str(tmp_path / "s.db")).stats_database_file
+        == tmp_path / "s.db"
+    )
