@@ -1,0 +1,287 @@
+"""jr-reboot-prep: get the backend ready for a host or Docker restart, without researchers noticing.
+
+Default: with the service stopped, every running job is stopped and put back to pending, so it
+starts again from scratch after the reboot. --drain instead pauses the backend and waits for the
+running jobs to finish; --resume lifts the pause.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+from .. import db, service
+from ..errors import ConflictError, TemporaryFailure, UsageError
+from ..models import Job, Msg, State, StatusCode, transition
+from .common import Context, Tool, iso, run_tool
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["id", "action", "workspace", "state", "status_code", "result"]
+PAUSED = "paused"
+POLL_SECONDS = 0.5
+PROGRESS_SECONDS = 10.0
+LOCK_TIMEOUT = 60.0
+CONFLICT_RETRIES = 10
+
+
+def running_jobs(conn) -> list[Job]:
+    """Jobs in state running (from the active-jobs index)."""
+    return [j for j in db.active_jobs(conn) if j.state is State.RUNNING]
+
+
+def reset_for_reboot(conn, job: Job) -> Job | None:
+    """running -> pending/waiting_on_reboot (compare-and-set); None if it stopped running meanwhile."""
+    for _ in range(CONFLICT_RETRIES):
+        if job.state is not State.RUNNING:
+            return None
+        new = transition(
+            job,
+            State.PENDING,
+            StatusCode.WAITING_ON_REBOOT,
+            Msg.WAITING_ON_REBOOT,
+            worker_pid=None,
+            worker_started_at=None,
+            attempts=0,
+        )
+        try:
+            return db.save_job(conn, new)
+        except ConflictError:
+            fresh = db.get_job(conn, job.id)
+            if fresh is None:
+                return None
+            job = fresh
+    raise TemporaryFailure(f"job {job.id} keeps changing; try again")
+
+
+class RebootPrep(Tool):
+    name = "jr-reboot-prep"
+    component = "boot"
+    description = """Prepare the backend for a reboot (of the host or of Docker).
+
+Default (the service must be stopped, or --force): for every running job, kill its worker,
+remove its container and volume and put it back to pending (waiting_on_reboot), so after the
+reboot it starts again from scratch and the researcher need do nothing.
+
+--drain: pause the backend (no new job starts; the service may keep running), wait until the
+running jobs have finished, then report ready (exit 0); with --timeout, give up after that long
+(exit 75, listing the jobs still running; the backend stays paused). --resume lifts the pause.
+Neither needs --yes: both are undone by the other."""
+    epilog = """examples:
+  jr-reboot-prep --drain --timeout 2h     pause and wait for running jobs to finish
+  jr-reboot-prep                          (service stopped) stop running jobs; they restart later
+  jr-reboot-prep --resume                 after the reboot: let pending jobs start again"""
+    output = True
+    destructive = True
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        mode = parser.add_mutually_exclusive_group()
+        mode.add_argument(
+            "--drain", action="store_true", help="pause, then wait until no job is running"
+        )
+        mode.add_argument("--resume", action="store_true", help="lift the pause")
+        parser.add_argument(
+            "--timeout",
+            metavar="D",
+            help="with --drain: give up after D (e.g. 30m, 2h; default: wait forever)",
+        )
+        parser.add_argument(
+            "--force", action="store_true", help="go ahead even though the service is running"
+        )
+
+    def run(self, ctx: Context) -> int:
+        args = ctx.args
+        if args.timeout is not None and not args.drain:
+            raise UsageError("--timeout only goes with --drain")
+        if args.resume:
+            return self.resume(ctx)
+        if args.drain:
+            timeout = service.parse_duration(args.timeout, "--timeout") if args.timeout else None
+            return self.drain(ctx, timeout)
+        return self.stop_running(ctx)
+
+    # -- default: stop running jobs and put them back to pending --
+
+    def stop_running(self, ctx: Context) -> int:
+        from docker.errors import DockerException
+
+        from .. import docker
+
+        config = ctx.config
+        assert config is not None
+        pid = service.service_pid(config)
+        if pid is not None and not ctx.args.force:
+            raise TemporaryFailure(
+                f"the service is running (pid {pid}); stop it first, or use --drain, or --force"
+            )
+        active = db.active_jobs(ctx.conn)
+        running = [j for j in active if j.state is State.RUNNING]
+        if running:
+            docker.ping()
+        try:
+            leftovers = self.pending_leftovers(ctx, active)
+        except docker.DockerUnavailable:
+            leftovers = []  # with nothing running, a stopped Docker holds nothing of ours to clear
+        if not running and not leftovers:
+            ctx.say("nothing to do: no job is running")
+            ctx.emit([], COLUMNS)
+            return 0
+        plan = [f"About to stop {len(running)} running job(s) and put them back to pending:"]
+        plan += [f"  {j.id}  {j.action}  ({j.workspace}): {j.status_message}" for j in running]
+        plan.append("Their containers and volumes are removed; they start again after the reboot.")
+        if leftovers:
+            plan.append(f"Also removing what {len(leftovers)} pending job(s) left in Docker:")
+            plan += [f"  {j.id}  {j.action}  ({j.workspace})" for j in leftovers]
+        if not ctx.confirm(plan, "stop the running jobs"):
+            return 0
+        rows, failed = [], False
+        # Holding the pass's lock: no jr-run-once can claim a job we just put back to pending.
+        with service.run_lock(config, LOCK_TIMEOUT):
+            for job in running + leftovers:
+                if job.state is State.RUNNING:
+                    saved = reset_for_reboot(ctx.conn, db.get_job(ctx.conn, job.id) or job)
+                    if saved is None:
+                        fresh = db.get_job(ctx.conn, job.id) or job
+                        rows.append(self.row(fresh, f"left alone: it is now {fresh.state.value}"))
+                        continue
+                    # The row first: a worker we fail to kill sees the job is no longer its own.
+                    notes = ["back to pending"]
+                    stopped = service.stop_worker(job)
+                    if stopped:
+                        notes.append(stopped)
+                else:
+                    saved, notes = job, ["pending"]
+                try:
+                    removed = service.remove_job_objects(job.id)
+                    if removed:
+                        notes.append(f"removed {', '.join(removed)}")
+                except (docker.DockerTimeout, DockerException, OSError) as exc:
+                    failed = True
+                    notes.append(f"failed to remove its objects ({exc}): run jr-reboot-prep again")
+                    ctx.stderr.write(f"{self.name}: {job.id}: {notes[-1]}\n")
+                log.info(f"Reset for reboot: {'; '.join(notes)}", extra={"job": saved})
+                rows.append(self.row(saved, "; ".join(notes)))
+        ctx.emit(rows, COLUMNS)
+        after = "start the service"
+        if db.get_flag(ctx.conn, PAUSED) is not None:
+            after += " and run jr-reboot-prep --resume (the backend is paused)"
+        ctx.say(f"ready for reboot: after it, {after}; these jobs then start again by themselves")
+        return 1 if failed else 0
+
+    @staticmethod
+    def pending_leftovers(ctx: Context, active: list[Job]) -> list[Job]:
+        """Pending jobs that still have Docker objects (e.g. an earlier run of this tool failed)."""
+        from .. import docker
+
+        assert ctx.config is not None
+        pending = {j.id: j for j in active if j.state is State.PENDING}
+        if not pending:
+            return []
+        hung = service.hung_containers(ctx.conn)
+        found: set[str] = set()
+        objects = docker.list_containers(ctx.config.backend) + docker.list_volumes(
+            ctx.config.backend
+        )
+        for obj in objects:
+            job_id = (obj.get("Labels") or {}).get("org.jr.job-id")
+            if job_id in pending and not service.hung_objects_of(job_id, hung):
+                found.add(job_id)
+        return [job for job_id, job in pending.items() if job_id in found]
+
+    # -- --drain and --resume --
+
+    def drain(self, ctx: Context, timeout: float | None) -> int:
+        config = ctx.config
+        assert config is not None
+        current = db.get_flag(ctx.conn, PAUSED)
+        if ctx.args.dry_run:
+            ctx.say(
+                "dry run: would pause the backend (no new job starts) and wait until no job is "
+                f"running; {len(running_jobs(ctx.conn))} running now"
+            )
+            return 0
+        if current is None:
+            value = f"draining for reboot since {iso(time.time())} by {service.operator()}"
+            db.set_flag(ctx.conn, PAUSED, value)
+            ctx.say(f"paused: {value}; no new job starts (jr-reboot-prep --resume lifts it)")
+        else:
+            ctx.say(f"already paused ({current}); waiting for running jobs to finish")
+        started = time.monotonic()
+        last_progress = started
+        try:
+            while True:
+                running = running_jobs(ctx.conn)
+                if not running and self.still_idle_under_lock(ctx):
+                    break
+                waited = time.monotonic() - started
+                if timeout is not None and waited >= timeout:
+                    listing = "\n".join(
+                        f"  {j.id}  {j.action}  ({j.workspace}): {j.status_message}"
+                        for j in running
+                    )
+                    raise TemporaryFailure(
+                        f"timed out after {service.human_duration(waited)} with {len(running)} "
+                        f"job(s) still running (the backend stays paused):\n{listing}"
+                    )
+                if time.monotonic() - last_progress >= PROGRESS_SECONDS:
+                    last_progress = time.monotonic()
+                    ids = " ".join(j.id for j in running[:5]) + (" ..." if len(running) > 5 else "")
+                    ctx.say(
+                        f"draining: {len(running)} job(s) still running ({ids}); "
+                        f"waited {service.human_duration(waited)}"
+                    )
+                time.sleep(POLL_SECONDS)
+        except KeyboardInterrupt:
+            ctx.stderr.write(
+                f"{self.name}: stopped waiting; the backend stays paused "
+                "(jr-reboot-prep --resume lifts it)\n"
+            )
+            raise
+        pending = sum(1 for j in db.active_jobs(ctx.conn) if j.state is State.PENDING)
+        ctx.say(
+            f"ready for reboot: no jobs running; {pending} pending jobs will start after "
+            "jr-reboot-prep --resume"
+        )
+        return 0
+
+    def still_idle_under_lock(self, ctx: Context) -> bool:
+        """Re-check while no pass runs: a pass that read the flag before we set it has ended."""
+        assert ctx.config is not None
+        lock = service.try_run_lock(ctx.config)
+        if lock is None:
+            return False  # a pass is in progress; look again shortly
+        try:
+            return not running_jobs(ctx.conn)
+        finally:
+            lock.release()  # type: ignore[attr-defined]
+
+    def resume(self, ctx: Context) -> int:
+        current = db.get_flag(ctx.conn, PAUSED)
+        if current is None:
+            ctx.say("not paused: nothing to do")
+            return 0
+        if ctx.args.dry_run:
+            ctx.say(f"dry run: would lift the pause ({current})")
+            return 0
+        db.set_flag(ctx.conn, PAUSED, None)
+        pending = sum(1 for j in db.active_jobs(ctx.conn) if j.state is State.PENDING)
+        ctx.say(f"resumed: lifted the pause ({current}); {pending} pending jobs may start now")
+        return 0
+
+    @staticmethod
+    def row(job: Job, result: str) -> dict[str, str]:
+        """One output row per job."""
+        return {
+            "id": job.id,
+            "action": job.action,
+            "workspace": job.workspace,
+            "state": job.state.value,
+            "status_code": job.status_code.value if job.status_code else "",
+            "result": result,
+        }
+
+
+def main() -> None:
+    """Entry point."""
+    run_tool(RebootPrep)

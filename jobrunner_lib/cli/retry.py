@@ -1,0 +1,146 @@
+"""jr-retry: give jobs that failed with an internal error another go, reusing what they left."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+
+from .. import db, service
+from ..errors import ConflictError, UsageError
+from ..models import Job, Msg, State, StatusCode, transition
+from .common import Context, Tool, run_tool
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["id", "action", "workspace", "state", "status_code", "result"]
+CONFLICT_RETRIES = 10
+# Fields describing the failed attempt, cleared so the next attempt starts with a clean slate.
+RESET = dict(attempts=0, worker_pid=None, worker_started_at=None, error_detail=None, exit_code=None)
+
+
+def refusal(job: Job) -> str | None:
+    """Why a job cannot be retried, or None if it can (only internal errors are retried)."""
+    if job.state is State.FAILED and job.status_code is StatusCode.INTERNAL_ERROR:
+        return None
+    if job.state is State.FAILED:
+        code = job.status_code.value if job.status_code else "no code"
+        first_line = (job.status_message or "").split("\n")[0]
+        return f"it failed with {code} ({first_line}), not internal_error"
+    return f"it is {job.state.value}, not failed with internal_error"
+
+
+def resumable(job_id: str) -> bool:
+    """Whether the job's container and volume are both still there to pick up from."""
+    from .. import docker
+
+    return docker.inspect_container(
+        docker.container_name(job_id)
+    ) is not None and docker.volume_exists(docker.volume_name(job_id))
+
+
+def retry_job(conn: sqlite3.Connection, job: Job) -> tuple[Job | None, str]:
+    """Reset one internal-error job (compare-and-set); (the saved job or None, what was done)."""
+    for _ in range(CONFLICT_RETRIES):
+        reason = refusal(job)
+        if reason is not None:
+            return None, f"not retried: {reason}"
+        if resumable(job.id):
+            # The next pass sees no live worker and starts one, which follows a still-running
+            # container, starts a prepared one, or finalises an exited one.
+            new = transition(job, State.RUNNING, StatusCode.FINALIZING, Msg.RETRYING, **RESET)
+            done = "back to running: the next pass picks up its kept container"
+        else:
+            # Whatever is left cannot be used; the job starts over from nothing.
+            removed = service.remove_job_objects(job.id)
+            new = transition(job, State.PENDING, StatusCode.CREATED, Msg.CREATED, **RESET)
+            done = "back to pending: its container is gone, so it starts over"
+            if removed:
+                done += f" (removed {', '.join(removed)})"
+        try:
+            saved = db.save_job(conn, new)
+        except ConflictError:
+            fresh = db.get_job(conn, job.id)
+            if fresh is None:
+                return None, "not retried: it disappeared from the state store"
+            job = fresh
+            continue
+        log.info(f"Retried by {service.operator()}: {done}", extra={"job": saved})
+        return saved, done
+    return None, "not retried: it kept changing; try again"
+
+
+class Retry(Tool):
+    name = "jr-retry"
+    component = "retry"
+    description = """Retry jobs that failed with an internal error (status code internal_error),
+after fixing the cause. If the job's container and volume were kept, the job goes back to
+running ("Re-attempting to extract outputs") and the next jr-run-once starts a worker that carries
+on from there (finalising an exited container, or following a running one); if they are gone,
+the job goes back to pending and starts over. Any other job is refused with the reason (exit 1)
+while the eligible ones are still retried. Does not contact the jobs website: the next jr-sync
+reports the job."""
+    epilog = """examples:
+  jr-retry abcd                                   retry one job (shows the plan, asks first)
+  jr-ls --status-code internal_error -o ids | jr-retry --yes -    retry every internal error"""
+    takes_ids = "+"
+    output = True
+    destructive = True
+
+    def run(self, ctx: Context) -> int:
+        from docker.errors import DockerException
+
+        from .. import docker
+
+        jobs = ctx.resolve_jobs(ctx.args.ids)
+        if not jobs:
+            raise UsageError("no job IDs given (standard input was empty)")
+        eligible, rows = [], []
+        for job in jobs:
+            reason = refusal(job)
+            if reason is None:
+                eligible.append(job)
+                continue
+            ctx.stderr.write(f"{self.name}: {job.id} ({job.action}): not retried: {reason}\n")
+            rows.append(self.row(job, f"not retried: {reason}"))
+        refused = bool(rows)
+        if refused:
+            ctx.say("(only internal errors are retried; a new request reruns anything else)")
+        if not eligible:
+            ctx.emit(rows, COLUMNS)
+            return 1
+        docker.ping()
+        plan = [f"About to retry {len(eligible)} job(s):"]
+        for job in eligible:
+            how = "from its kept container" if resumable(job.id) else "from the start"
+            plan.append(f"  retry {how}: {job.id}  {job.action}  ({job.workspace})")
+        if not ctx.confirm(plan, "retry"):
+            return 1 if refused else 0
+        failed = refused
+        for job in eligible:
+            try:
+                saved, done = retry_job(ctx.conn, job)
+            except (docker.DockerTimeout, DockerException, OSError) as exc:
+                saved, done = None, f"not retried: {type(exc).__name__}: {exc}"
+            if saved is None:
+                failed = True
+                ctx.stderr.write(f"{self.name}: {job.id} ({job.action}): {done}\n")
+            rows.append(self.row(saved or job, done))
+        ctx.emit(rows, COLUMNS)
+        return 1 if failed else 0
+
+    @staticmethod
+    def row(job: Job, result: str) -> dict[str, str]:
+        """One output row per job."""
+        return {
+            "id": job.id,
+            "action": job.action,
+            "workspace": job.workspace,
+            "state": job.state.value,
+            "status_code": job.status_code.value if job.status_code else "",
+            "result": result,
+        }
+
+
+def main() -> None:
+    """Entry point."""
+    run_tool(Retry)
