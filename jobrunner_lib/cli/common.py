@@ -53,6 +53,21 @@ TOOLS: dict[str, str] = {
 }
 
 
+RESULT_COLUMNS = ["id", "action", "workspace", "state", "status_code", "result"]
+
+
+def result_row(job: Job, result: str) -> dict[str, str]:
+    """One output row for a tool that changed (or declined to change) a job: what it did to it."""
+    return {
+        "id": job.id,
+        "action": job.action,
+        "workspace": job.workspace,
+        "state": job.state.value,
+        "status_code": job.status_code.value if job.status_code else "",
+        "result": result,
+    }
+
+
 def is_terminal(stream: Any) -> bool:
     """True if the stream is attached to a terminal."""
     try:

@@ -11,11 +11,10 @@ from typing import Any
 from .. import db, service
 from ..errors import ConflictError, OperationFailed, TemporaryFailure, UsageError
 from ..models import Job, Msg, State, StatusCode, transition
-from .common import Context, Tool, run_tool
+from .common import RESULT_COLUMNS, Context, Tool, result_row, run_tool
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["id", "action", "workspace", "state", "status_code", "result"]
 CONFLICT_RETRIES = 10
 
 
@@ -111,10 +110,10 @@ Does not contact the jobs website: the next jr-sync reports the new state. Safe 
                 )
                 work.append(job)
             else:
-                rows.append(self.row(job, self.nothing_to_do(job, hung)))
+                rows.append(result_row(job, self.nothing_to_do(job, hung)))
         if not work:
             ctx.say("nothing to do")
-            ctx.emit(rows, COLUMNS)
+            ctx.emit(rows, RESULT_COLUMNS)
             return 0
         verb = "kill" if any(not j.state.is_final for j in work) else "clean up"
         if not ctx.confirm([f"About to {verb} {len(work)} job(s):", *plan], verb):
@@ -126,8 +125,8 @@ Does not contact the jobs website: the next jr-sync reports the new state. Safe 
             except (docker.DockerTimeout, DockerException, OSError) as exc:
                 notes, failed = [f"failed: {type(exc).__name__}: {exc}"], True
                 ctx.stderr.write(f"{self.name}: {job.id}: {notes[0]}\n")
-            rows.append(self.row(job, "; ".join(notes)))
-        ctx.emit(rows, COLUMNS)
+            rows.append(result_row(job, "; ".join(notes)))
+        ctx.emit(rows, RESULT_COLUMNS)
         return 1 if failed else 0
 
     @staticmethod
@@ -223,18 +222,6 @@ Does not contact the jobs website: the next jr-sync reports the new state. Safe 
         return (
             f"{job.state.value} ({code})" if code and job.state is State.FAILED else job.state.value
         )
-
-    @staticmethod
-    def row(job: Job, result: str) -> dict[str, str]:
-        """One output row per job."""
-        return {
-            "id": job.id,
-            "action": job.action,
-            "workspace": job.workspace,
-            "state": job.state.value,
-            "status_code": job.status_code.value if job.status_code else "",
-            "result": result,
-        }
 
 
 def main() -> None:

@@ -14,11 +14,10 @@ import time
 from .. import db, service
 from ..errors import ConflictError, TemporaryFailure, UsageError
 from ..models import Job, Msg, State, StatusCode, transition
-from .common import Context, Tool, iso, run_tool
+from .common import RESULT_COLUMNS, Context, Tool, iso, result_row, run_tool
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["id", "action", "workspace", "state", "status_code", "result"]
 PAUSED = "paused"
 POLL_SECONDS = 0.5
 PROGRESS_SECONDS = 10.0
@@ -125,7 +124,7 @@ Neither needs --yes: both are undone by the other."""
             leftovers = []  # with nothing running, a stopped Docker holds nothing of ours to clear
         if not running and not leftovers:
             ctx.say("nothing to do: no job is running")
-            ctx.emit([], COLUMNS)
+            ctx.emit([], RESULT_COLUMNS)
             return 0
         plan = [f"About to stop {len(running)} running job(s) and put them back to pending:"]
         plan += [f"  {j.id}  {j.action}  ({j.workspace}): {j.status_message}" for j in running]
@@ -143,7 +142,7 @@ Neither needs --yes: both are undone by the other."""
                     saved = reset_for_reboot(ctx.conn, db.get_job(ctx.conn, job.id) or job)
                     if saved is None:
                         fresh = db.get_job(ctx.conn, job.id) or job
-                        rows.append(self.row(fresh, f"left alone: it is now {fresh.state.value}"))
+                        rows.append(result_row(fresh, f"left alone: it is now {fresh.state.value}"))
                         continue
                     # The row first: a worker we fail to kill sees the job is no longer its own.
                     notes = ["back to pending"]
@@ -161,8 +160,8 @@ Neither needs --yes: both are undone by the other."""
                     notes.append(f"failed to remove its objects ({exc}): run jr-reboot-prep again")
                     ctx.stderr.write(f"{self.name}: {job.id}: {notes[-1]}\n")
                 log.info(f"Reset for reboot: {'; '.join(notes)}", extra={"job": saved})
-                rows.append(self.row(saved, "; ".join(notes)))
-        ctx.emit(rows, COLUMNS)
+                rows.append(result_row(saved, "; ".join(notes)))
+        ctx.emit(rows, RESULT_COLUMNS)
         after = "start the service"
         if db.get_flag(ctx.conn, PAUSED) is not None:
             after += " and run jr-reboot-prep --resume (the backend is paused)"
@@ -268,18 +267,6 @@ Neither needs --yes: both are undone by the other."""
         pending = sum(1 for j in db.active_jobs(ctx.conn) if j.state is State.PENDING)
         ctx.say(f"resumed: lifted the pause ({current}); {pending} pending jobs may start now")
         return 0
-
-    @staticmethod
-    def row(job: Job, result: str) -> dict[str, str]:
-        """One output row per job."""
-        return {
-            "id": job.id,
-            "action": job.action,
-            "workspace": job.workspace,
-            "state": job.state.value,
-            "status_code": job.status_code.value if job.status_code else "",
-            "result": result,
-        }
 
 
 def main() -> None:

@@ -8,11 +8,10 @@ import sqlite3
 from .. import db, service
 from ..errors import ConflictError, UsageError
 from ..models import Job, Msg, State, StatusCode, transition
-from .common import Context, Tool, run_tool
+from .common import RESULT_COLUMNS, Context, Tool, result_row, run_tool
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["id", "action", "workspace", "state", "status_code", "result"]
 CONFLICT_RETRIES = 10
 # Fields describing the failed attempt, cleared so the next attempt starts with a clean slate.
 RESET = dict(attempts=0, worker_pid=None, worker_started_at=None, error_detail=None, exit_code=None)
@@ -101,12 +100,12 @@ reports the job."""
                 eligible.append(job)
                 continue
             ctx.stderr.write(f"{self.name}: {job.id} ({job.action}): not retried: {reason}\n")
-            rows.append(self.row(job, f"not retried: {reason}"))
+            rows.append(result_row(job, f"not retried: {reason}"))
         refused = bool(rows)
         if refused:
             ctx.say("(only internal errors are retried; a new request reruns anything else)")
         if not eligible:
-            ctx.emit(rows, COLUMNS)
+            ctx.emit(rows, RESULT_COLUMNS)
             return 1
         docker.ping()
         plan = [f"About to retry {len(eligible)} job(s):"]
@@ -124,21 +123,9 @@ reports the job."""
             if saved is None:
                 failed = True
                 ctx.stderr.write(f"{self.name}: {job.id} ({job.action}): {done}\n")
-            rows.append(self.row(saved or job, done))
-        ctx.emit(rows, COLUMNS)
+            rows.append(result_row(saved or job, done))
+        ctx.emit(rows, RESULT_COLUMNS)
         return 1 if failed else 0
-
-    @staticmethod
-    def row(job: Job, result: str) -> dict[str, str]:
-        """One output row per job."""
-        return {
-            "id": job.id,
-            "action": job.action,
-            "workspace": job.workspace,
-            "state": job.state.value,
-            "status_code": job.status_code.value if job.status_code else "",
-            "result": result,
-        }
 
 
 def main() -> None:
