@@ -84,16 +84,32 @@ def connect(path: Path | str, *, migrate: bool = True) -> sqlite3.Connection:
     path = Path(path)
     if str(path) != ":memory:":
         path.parent.mkdir(parents=True, exist_ok=True)
+    conn = _open(path)
+    try:
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    except sqlite3.OperationalError as exc:
+        if "disk I/O error" not in str(exc):
+            raise
+        # A full disk leaves no room for the WAL index (-shm) that even a read needs; exclusive
+        # locking keeps the index in memory, so the store can still be read (jr-ls works).
+        conn.close()
+        conn = _open(path)
+        conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    if migrate:
+        if mode != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        migrate_schema(conn)
+    return conn
+
+
+def _open(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(
         str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
     )
     conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    if migrate:
-        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        migrate_schema(conn)
     return conn
 
 
@@ -413,6 +429,14 @@ def set_flag(conn: sqlite3.Connection, name: str, value: str | None) -> None:
                 "INSERT OR REPLACE INTO flag (name, value, updated_at) VALUES (?, ?, strftime('%s','now'))",
                 (name, value),
             )
+
+
+def flags(conn: sqlite3.Connection, prefix: str) -> dict[str, str]:
+    """Every flag whose name starts with prefix: name -> value."""
+    rows = conn.execute(
+        "SELECT name, value FROM flag WHERE substr(name, 1, ?) = ?", (len(prefix), prefix)
+    )
+    return {row[0]: row[1] or "" for row in rows}
 
 
 def count_by(conn: sqlite3.Connection, column: str) -> list[tuple[str, str, int]]:

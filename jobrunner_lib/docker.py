@@ -9,6 +9,7 @@ streams guarded against hangs (see tarstream.py).
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping
@@ -41,6 +42,40 @@ class BrokenContainerError(JobError):
     def __init__(self, message: str, container_name: str):
         super().__init__(message)
         self.container_name = container_name
+
+
+class DiskFull(JobError):
+    """A disk filled up: `Out of disk space[ on <where>], please try again later`.
+
+    `path` is the file being written when we know it (the worker names the disk from it);
+    `where` names the disk when the caller already knows which one it is.
+    """
+
+    def __init__(self, where: str | None = None, path: Path | str | None = None):
+        super().__init__(disk_full_message(where))
+        self.where = where
+        self.path = Path(path) if path else None
+
+
+def disk_full_message(where: str | None = None) -> str:
+    """SPEC.md §6.4's message, naming the disk when known."""
+    return f"Out of disk space{f' on {where}' if where else ''}, please try again later"
+
+
+def disk_full_error(exc: BaseException) -> DiskFull | None:
+    """A DiskFull for a "no space left" OSError in exc or its causes (naming its file), else None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, DiskFull):
+            return current
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            # shutil's copies name the destination as filename2; a plain write names nothing.
+            name = current.filename2 or current.filename
+            return DiskFull(path=os.fsdecode(name) if isinstance(name, (str, bytes)) else None)
+        current = current.__cause__ or current.__context__
+    return None
 
 
 class DockerUnavailable(TemporaryFailure):
@@ -118,7 +153,7 @@ def _calls(what: str, *, missing_ok: bool = False, ok_if: tuple[str, ...] = ()) 
     except docker.errors.APIError as exc:
         text = str(exc).lower()
         if "no space left on device" in text:
-            raise JobError("Out of disk space, please try again later") from exc
+            raise DiskFull("Docker's storage") from exc
         if (missing_ok and exc.status_code == 404) or any(p in text for p in ok_if):
             return
         raise
@@ -129,18 +164,33 @@ def _calls(what: str, *, missing_ok: bool = False, ok_if: tuple[str, ...] = ()) 
             raise DockerTimeout(f"Docker did not answer in time ({what})") from None
         raise DockerUnavailable(f"Docker is not available ({what}): {exc}") from None
     except OSError as exc:
-        if exc.errno == 28:  # ENOSPC on our side of a copy
-            raise JobError("Out of disk space, please try again later") from exc
+        if exc.errno == errno.ENOSPC:  # on our side of a copy
+            name = exc.filename2 or exc.filename
+            raise DiskFull(path=os.fsdecode(name) if name else None) from exc
         raise
 
 
-def ping() -> None:
-    """Check the daemon answers; raise DockerUnavailable if not."""
+def ping(*, fresh: bool = False) -> None:
+    """Check the daemon answers; raise DockerUnavailable if not.
+
+    fresh: on a new connection. A stopping daemon closes its socket first but goes on answering
+    connections already open for a moment, so the process's pooled client may still get answers.
+    """
     import docker
 
     try:
         with _calls("ping"):
-            client().api.ping()
+            if not fresh:
+                client().api.ping()
+                return
+            try:
+                new = docker.from_env(timeout=30)
+            except docker.errors.DockerException as exc:
+                raise DockerUnavailable(f"Docker is not available: {exc}") from None
+            try:
+                new.api.ping()
+            finally:
+                new.close()
     except docker.errors.APIError as exc:
         raise DockerUnavailable(f"Docker is not available: {exc}") from None
 
@@ -349,6 +399,10 @@ def copy_file_out(
             try:
                 reader = tarstream.IterReader(stream, progress)
                 return tarstream.extract_one_file(reader, path.rsplit("/", 1)[-1], dest, progress)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:  # a plain write does not say which file it was
+                    raise DiskFull(path=dest) from exc
+                raise
             finally:
                 getattr(stream, "close", lambda: None)()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -22,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from . import db
+from . import cleanup, db
 from .config import CHECKOUT_DIR, Config
 from .errors import ConflictError
 from .models import Job, Msg, State, StatusCode, transition
@@ -36,6 +37,15 @@ WORKER_DIED = "Internal error: the job's worker died 3 times; see the run log"
 # The website flags a job as stale after 30 minutes without an update (SPEC.md §3.7).
 # /proc start times are derived from an integer boot time, so allow for rounding.
 START_TIME_TOLERANCE = 1.0
+
+# A worker that exited because Docker was unreachable is restarted without counting an attempt
+# (the daemon being restarted is not the job's fault), but only this many times per job, so a
+# worker that keeps failing that way while Docker answers the pass's ping cannot spin forever.
+FREE_DOCKER_RESTARTS = 10
+# SQLite result codes (low byte) meaning the state store itself is unusable right now: busy,
+# locked, read-only, I/O error, disk full, cannot open. A pass stops at once on these rather
+# than logging the same failure for every job.
+STORE_UNUSABLE_CODES = frozenset({5, 6, 8, 10, 13, 14})
 
 Spawn = Callable[[Config, str], tuple[int, float]]
 IsAlive = Callable[[int, float | None], bool]
@@ -68,6 +78,73 @@ class Change:
             "status_code": self.status_code,
             "message": self.message,
         }
+
+
+@dataclass(frozen=True)
+class DockerOutage:
+    """Workers of a job found Docker unreachable: kept in the job's error_detail (one line).
+
+    The worker writes it before exiting 75, so that the pass restarts the job's worker without
+    counting an attempt, and so that a later worker can tell a container stopped by a daemon
+    shutdown (exit 137/143 around `first`) from a job that failed by itself.
+    """
+
+    count: int
+    first: float
+    last: float
+    pid: int
+
+    PREFIX = "Docker became unavailable while the job ran"
+    _PATTERN = re.compile(
+        r"^Docker became unavailable while the job ran \((\d+)x; first (\S+), last (\S+) "
+        r"by worker pid (\d+)\)"
+    )
+
+    def note(self) -> str:
+        """The error_detail text."""
+        return (
+            f"{self.PREFIX} ({self.count}x; first {_stamp(self.first)}, last {_stamp(self.last)} "
+            f"by worker pid {self.pid})"
+        )
+
+    @classmethod
+    def parse(cls, detail: str | None) -> DockerOutage | None:
+        """The outage recorded in an error_detail, or None."""
+        match = cls._PATTERN.match(detail or "")
+        if not match:
+            return None
+        count, first, last, pid = match.groups()
+        return cls(int(count), _unstamp(first), _unstamp(last), int(pid))
+
+    @classmethod
+    def record(cls, detail: str | None, pid: int, at: float) -> DockerOutage:
+        """The outage after one more worker (pid) found Docker gone at `at`."""
+        previous = cls.parse(detail)
+        if previous is None:
+            return cls(1, at, at, pid)
+        return cls(previous.count + 1, previous.first, at, pid)
+
+
+def _stamp(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+def _unstamp(text: str) -> float:
+    import calendar
+
+    whole, _, frac = text.rstrip("Z").partition(".")
+    return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + float(f"0.{frac or 0}")
+
+
+def store_unusable(exc: BaseException) -> bool:
+    """Whether an exception says the state store cannot be used now (disk full, busy, I/O)."""
+    if not isinstance(exc, sqlite3.Error):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in STORE_UNUSABLE_CODES
+    text = str(exc).lower()
+    return any(p in text for p in ("disk is full", "disk i/o", "readonly", "locked", "busy"))
 
 
 # ---- worker processes -------------------------------------------------------------------------
@@ -239,6 +316,8 @@ def run_pass(
         run.others = {dep.id: dep for dep in db.get_jobs(conn, sorted(wanted))}
         for job in pending:
             run.handle(run.jobs[job.id])
+    # Finished jobs whose worker died before removing their Docker objects (bounded per pass).
+    cleanup.sweep(config, conn, is_alive)
     return run.changes
 
 
@@ -278,7 +357,11 @@ class _Pass:
                 if fresh is None:
                     return
                 self.jobs[job.id] = job = fresh
-            except Exception:
+            except Exception as exc:
+                if store_unusable(exc):
+                    # Not this job's problem: every other job would hit it too. The caller
+                    # (jr-run-once) reports it in one line; the next pass carries on.
+                    raise
                 # One job's problem must not stop the others (nor crash the service).
                 log.exception("Unexpected error while handling job", extra={"job": job})
                 return
@@ -360,6 +443,7 @@ class _Pass:
     def supervise(self, job: Job) -> None:
         """Restart a dead or stalled worker, or give up on the job after MAX_ATTEMPTS workers."""
         pid = job.worker_pid
+        died = False
         if pid is not None and self.is_alive(pid, job.worker_started_at):
             last = max(
                 (t for t in (job.heartbeat_at, job.worker_started_at) if t is not None),
@@ -371,9 +455,17 @@ class _Pass:
             reason = f"worker pid {pid} stalled (no heartbeat for {silent:.0f}s)"
             self.kill(pid, job.worker_started_at)
         elif pid is not None:
-            reason = f"worker pid {pid} died"
+            reason, died = f"worker pid {pid} died", True
         else:
             reason = "no worker recorded"  # a claim cut short, or jr-retry handing the job back
+        outage = DockerOutage.parse(job.error_detail)
+        if died and outage is not None and outage.pid == pid:
+            if outage.count <= FREE_DOCKER_RESTARTS:
+                # It exited because Docker was unreachable, and passes run only once Docker
+                # answers again: the daemon's restart is not a failed attempt of the job.
+                reason = f"worker pid {pid} exited while Docker was unavailable"
+                return self.restart_worker(job, reason, counted=False)
+            reason += f" ({outage.count} times Docker was unavailable)"
         if job.attempts >= MAX_ATTEMPTS:
             # Container and volume are kept, so an operator can look and use jr-retry.
             code, message = StatusCode.INTERNAL_ERROR, WORKER_DIED
@@ -391,12 +483,21 @@ class _Pass:
                 error_detail=f"{reason}; {job.attempts} workers failed",
             )
             return
+        self.restart_worker(job, reason, counted=True)
+
+    def restart_worker(self, job: Job, reason: str, *, counted: bool) -> None:
+        """Forget the old worker, count an attempt unless told not to, and start another."""
+        attempts = job.attempts + 1 if counted else job.attempts
         again = db.save_job(
-            self.conn, job.copy(attempts=job.attempts + 1, worker_pid=None, worker_started_at=None)
+            self.conn, job.copy(attempts=attempts, worker_pid=None, worker_started_at=None)
         )
         self.jobs[job.id] = again
-        note = f"Restarting worker: {reason} (attempt {again.attempts} of {MAX_ATTEMPTS})"
-        log.log(logging.WARNING if pid is not None else logging.INFO, note, extra={"job": again})
+        if counted:
+            note = f"Restarting worker: {reason} (attempt {again.attempts} of {MAX_ATTEMPTS})"
+        else:
+            note = f"Restarting worker: {reason} (not counted as an attempt)"
+        level = logging.WARNING if job.worker_pid is not None else logging.INFO
+        log.log(level, note, extra={"job": again})
         self.record(job, again, note)
         self.start_worker(again)
 
@@ -456,6 +557,9 @@ class _Pass:
         )
 
 
+AFTER_JOB_LOCK_WAIT = 5.0
+
+
 def after_job(config: Config) -> None:
     """A job just ended: start what it unblocked now rather than a poll interval later.
 
@@ -468,7 +572,9 @@ def after_job(config: Config) -> None:
         config.wake_path.touch()
     except OSError:
         pass
-    lock = FileLock(str(config.run_lock_path), timeout=0)
+    # A service pass holding the lock ends within moments: wait for it rather than leave the
+    # dependants for the next poll.
+    lock = FileLock(str(config.run_lock_path), timeout=AFTER_JOB_LOCK_WAIT)
     try:
         lock.acquire()
     except Timeout:

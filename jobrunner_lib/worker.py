@@ -16,10 +16,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+from . import cleanup as cleanup_debt
 from . import db, docker, logs, stats, tarstream
 from .config import Config, load_config
-from .docker import BrokenContainerError, DockerUnavailable, JobError
+from .docker import BrokenContainerError, DiskFull, DockerUnavailable, JobError
 from .errors import (
     EXIT_CONFIG,
     EXIT_INTERNAL,
@@ -32,6 +34,7 @@ from .errors import (
 from .executor import Executor, ExecutorState, LocalDockerExecutor, apply_result
 from .finalize import iso
 from .models import Job, Msg, State, StatusCode, transition
+from .run import DockerOutage, store_unusable
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,71 @@ HEARTBEAT_INTERVAL = 3.0
 WAIT_SLICE = 2.0
 FAULT_ENV = "JR_FAULT"
 FAULT_STEPS = ("prepare", "execute", "finalize", "cleanup")
+DOCKER_RESTARTED = "the Docker daemon restarted while the job was running; please try again"
+# Exit codes of a container stopped by a signal (SIGKILL, SIGTERM), as a stopping daemon does.
+SIGNAL_EXIT_CODES = (137, 143)
+# How long before a worker first found Docker gone a killed container may have stopped and still
+# count as stopped by the daemon: the daemon closes its API first, then stops containers, so the
+# container normally finishes after (or within a second of) the outage being noticed.
+RESTART_WINDOW = 60.0
+# How long a worker whose job has ended waits for Docker to come back to remove its objects.
+CLEANUP_PATIENCE = 300.0
+CLEANUP_RETRY_INTERVAL = 2.0
+# Free space below which a disk counts as the full one when an error does not say which it was.
+NEARLY_FULL = 1 << 20
+
+
+class DaemonRestarted(JobError):
+    """The job's container was stopped by the Docker daemon shutting down (detail: why we think so)."""
+
+
+def docker_time(text: str | None) -> float | None:
+    """Docker's `2021-11-03T09:12:51.123456789Z` as Unix seconds; None for its zero time."""
+    import calendar
+
+    if not text or text.startswith("0001-"):
+        return None
+    whole, _, rest = text.partition(".")
+    fraction = rest.rstrip("Z").split("+")[0].split("-")[0]
+    try:
+        seconds = calendar.timegm(time.strptime(whole.rstrip("Z"), "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
+    return seconds + (float(f"0.{fraction}") if fraction.isdigit() else 0.0)
+
+
+def disk_name(config: Config, path: Path) -> str | None:
+    """Which of the backend's disks a path is on, in words; None if it is none of them."""
+    places = (
+        (config.high_privacy_storage_base, "the high privacy storage"),
+        (config.medium_privacy_storage_base, "the medium privacy storage"),
+        (config.workdir, "the workdir"),
+    )
+    for base, name in places:  # the privacy trees may live inside the workdir: checked first
+        try:
+            path.resolve().relative_to(base.resolve())
+            return name
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def full_disk_name(config: Config) -> str | None:
+    """The backend disk with (almost) no room left, in words; None if not exactly one is full."""
+    full: dict[int, str] = {}
+    for base, name in (
+        (config.high_privacy_storage_base, "the high privacy storage"),
+        (config.medium_privacy_storage_base, "the medium privacy storage"),
+        (config.workdir, "the workdir"),
+    ):
+        try:
+            st = os.statvfs(base)
+        except (OSError, AttributeError):  # missing, or Windows (no statvfs)
+            continue
+        if st.f_bavail * st.f_frsize < NEARLY_FULL:
+            # Keyed by filesystem: the privacy trees often share the workdir's disk.
+            full.setdefault(os.stat(base).st_dev, name)
+    return next(iter(full.values())) if len(full) == 1 else None
 
 
 class _NotOurs(Exception):
@@ -117,6 +185,8 @@ class Driver:
 
     def _steps(self) -> Job:
         phase = "starting"
+        # Owed until cleanup() removes the objects: if we die first, a later pass removes them.
+        cleanup_debt.owe(self.conn, self.job.id)
         try:
             while True:
                 job = self.refresh()
@@ -143,6 +213,7 @@ class Driver:
                 elif state is ExecutorState.EXECUTED:
                     phase = "finalizing"
                     self.set_step(StatusCode.FINALIZING, Msg.FINALIZING)
+                    self.check_daemon_restart()
                     _fault("finalize")
                     result = self.executor.finalize(self.job)
                     final = self.save(lambda j, r=result: apply_result(j, r))
@@ -153,6 +224,14 @@ class Driver:
                     raise RuntimeError(f"container of job {job.id} is in a state we cannot use")
         except _NotOurs:
             raise
+        except DockerUnavailable as exc:
+            # The job stays as it is; the pass starts another worker once Docker answers.
+            self.note_docker_lost(exc)
+            raise
+        except DiskFull as exc:
+            message = self.disk_full_message(exc)
+            log.info(f"Job failed: {message}", extra={"job": self.job})
+            return self.finish_early(StatusCode.JOB_ERROR, f"JobError: {message}")
         except BrokenContainerError as exc:
             # The container may hang every call made to it: touch nothing, tell jr-prune.
             log.error(f"Copy stalled, container left alone: {exc}", extra={"job": self.job})
@@ -162,12 +241,27 @@ class Driver:
             return self.finish_early(
                 StatusCode.JOB_ERROR, f"BrokenContainerError: {exc}", clean=False
             )
+        except DaemonRestarted as exc:
+            log.warning(f"Job failed: {DOCKER_RESTARTED} ({exc})", extra={"job": self.job})
+            return self.finish_early(
+                StatusCode.JOB_ERROR, f"JobError: {DOCKER_RESTARTED}", error_detail=str(exc)
+            )
         except JobError as exc:
             log.info(f"Job failed: {exc}", extra={"job": self.job})
             return self.finish_early(StatusCode.JOB_ERROR, f"{type(exc).__name__}: {exc}")
-        except DockerUnavailable:
-            raise  # the job stays as it is; the pass starts another worker later
         except Exception as exc:
+            if store_unusable(exc):
+                raise  # the state store cannot take the outcome: the next worker decides
+            full = docker.disk_full_error(exc)
+            if full is not None:  # a full disk is the job's expected failure, not ours
+                message = self.disk_full_message(full)
+                log.info(f"Job failed: {message}", extra={"job": self.job})
+                return self.finish_early(StatusCode.JOB_ERROR, f"JobError: {message}")
+            if self.docker_gone():
+                # A copy cut off by the daemon stopping fails in odd ways (a truncated stream,
+                # a reset connection): with Docker gone, that is an outage, not a job error.
+                self.note_docker_lost(exc)
+                raise DockerUnavailable(f"Docker is not available ({exc})") from exc
             message = {
                 "starting": Msg.INTERNAL_STARTING,
                 "finalizing": Msg.INTERNAL_FINALIZING,
@@ -181,6 +275,70 @@ class Driver:
                 clean=False,
                 error_detail=logs.one_line(f"{type(exc).__name__}: {exc}"),
             )
+
+    def note_docker_lost(self, exc: BaseException) -> None:
+        """Record in the job that Docker went away under this worker (see run.DockerOutage)."""
+        pid, at = os.getpid(), time.time()
+        try:
+            self.save(
+                lambda j: j.copy(error_detail=DockerOutage.record(j.error_detail, pid, at).note())
+            )
+        except Exception:  # the record is a courtesy: the job is left for the next worker anyway
+            log.warning(
+                "Could not record the Docker outage", extra={"job": self.job}, exc_info=True
+            )
+        log.warning(
+            f"Docker became unavailable: {logs.one_line(str(exc))}", extra={"job": self.job}
+        )
+
+    def docker_gone(self) -> bool:
+        """True if this executor needs Docker and Docker does not answer now."""
+        if not isinstance(self.executor, LocalDockerExecutor):
+            return False
+        try:
+            docker.ping(fresh=True)
+        except DockerUnavailable:
+            return True
+        except Exception:  # noqa: BLE001 - it answered, if strangely
+            return False
+        return False
+
+    def check_daemon_restart(self) -> None:
+        """JobError if the container was stopped by the Docker daemon going down under the job.
+
+        Without live-restore a stopping daemon stops every container (exit 143, or 137 after its
+        grace period). That is no fault of the job, so it fails saying so rather than with
+        "Job exited with error code 143". We know it happened when a worker recorded losing
+        Docker and the container was stopped by a signal around or after that moment.
+        """
+        job = self.job
+        outage = DockerOutage.parse(job.error_detail)
+        if outage is None or job.cancelled or not isinstance(self.executor, LocalDockerExecutor):
+            return
+        info = docker.inspect_container(docker.container_name(job.id))
+        if info is None:
+            return  # finalize reports the vanished container
+        state = info.get("State") or {}
+        finished = docker_time(state.get("FinishedAt"))
+        if (
+            state.get("ExitCode") in SIGNAL_EXIT_CODES
+            and not state.get("OOMKilled")
+            and finished is not None
+            and finished >= outage.first - RESTART_WINDOW
+        ):
+            raise DaemonRestarted(
+                f"container stopped with exit code {state.get('ExitCode')} at "
+                f"{state.get('FinishedAt')}; {outage.note()}"
+            )
+
+    def disk_full_message(self, exc: DiskFull) -> str:
+        """The disk-full message, naming the disk: from the file being written when known, else
+        the one of the backend's disks that is (still) full."""
+        if exc.where:
+            return str(exc)
+        if exc.path is not None:
+            return docker.disk_full_message(disk_name(self.config, exc.path))
+        return docker.disk_full_message(full_disk_name(self.config))
 
     def refresh(self) -> Job:
         """Re-read the job; _NotOurs if it is no longer running."""
@@ -242,12 +400,34 @@ class Driver:
         return final
 
     def cleanup(self, job: Job) -> None:
-        """Remove the job's Docker objects; a failure here leaves them for jr-prune."""
-        try:
-            _fault("cleanup")
-            self.executor.cleanup(job)
-        except Exception:
-            log.exception("Cleanup failed; leaving the objects for jr-prune", extra={"job": job})
+        """Remove the job's Docker objects; a failure here leaves them for jr-prune.
+
+        While Docker is down (restarting) we wait for it a while: once the job is final no other
+        worker will come back to remove them.
+        """
+        deadline = time.monotonic() + CLEANUP_PATIENCE
+        said = False
+        while True:
+            try:
+                _fault("cleanup")
+                self.executor.cleanup(job)
+                cleanup_debt.settled(self.conn, job.id)
+                return
+            except Exception as exc:
+                if time.monotonic() < deadline and (
+                    isinstance(exc, DockerUnavailable) or self.docker_gone()
+                ):
+                    if not said:
+                        log.info(
+                            "Docker is unavailable: cleaning up once it is back", extra={"job": job}
+                        )
+                        said = True
+                    time.sleep(CLEANUP_RETRY_INTERVAL)
+                    continue
+                log.exception(
+                    "Cleanup failed; leaving the objects for jr-prune", extra={"job": job}
+                )
+                return
 
 
 def drive_job(config: Config, job_id: str, executor: Executor | None = None) -> Job | None:
@@ -311,6 +491,13 @@ def main(argv: list[str] | None = None) -> int:
             after_job(config)
     except DockerUnavailable as exc:
         log.error(f"{exc}; job {args[0]} left as it is for the next worker")
+        return EXIT_TEMPFAIL
+    except sqlite3.Error as exc:
+        if not store_unusable(exc):
+            log.exception(f"Worker for job {args[0]} crashed")
+            return EXIT_INTERNAL
+        # A full disk under the state store: nothing can be recorded; the next worker carries on.
+        log.error(f"The state store is unusable ({exc}); job {args[0]} left for the next worker")
         return EXIT_TEMPFAIL
     except Exception:
         log.exception(f"Worker for job {args[0]} crashed")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sqlite3
 
 from ..config import Config
 from ..errors import TemporaryFailure
 from ..logs import one_line
-from ..run import run_pass
+from ..run import run_pass, store_unusable
 from .common import Context, Tool, run_tool
 
 COLUMNS = ["id", "action", "workspace", "from", "to", "status_code", "message"]
@@ -17,8 +18,6 @@ COLUMNS = ["id", "action", "workspace", "from", "to", "status_code", "message"]
 
 def check_docker(config: Config) -> None:
     """Raise TemporaryFailure (exit 75) unless the Docker engine answers."""
-    import inspect
-
     import requests  # lazily: only a real pass needs them
     from docker.errors import DockerException
 
@@ -26,17 +25,45 @@ def check_docker(config: Config) -> None:
 
     unreachable = (jr_docker.DockerUnavailable, DockerException, requests.RequestException, OSError)
     try:
-        # The run contract has ping(config); accept the config-free form too.
-        if inspect.signature(jr_docker.ping).parameters:
-            jr_docker.ping(config)  # type: ignore[call-arg]
-        else:
-            jr_docker.ping()
+        jr_docker.ping()
     except unreachable as exc:
-        reason = re.sub(r"^Docker is not available( \([^)]*\))?:\s*", "", one_line(str(exc)))
         raise TemporaryFailure(
-            f"Docker is not reachable ({reason or type(exc).__name__}): "
+            f"Docker is not reachable ({docker_address()}: {root_cause(exc)}): "
             "is the Docker service running?"
         ) from None
+
+
+def _error_name(exc: sqlite3.Error) -> str:
+    name = getattr(exc, "sqlite_errorname", None)
+    return f", {name}" if name else ""
+
+
+def docker_address() -> str:
+    """Where the Docker client looks for the daemon (DOCKER_HOST, else the platform default)."""
+    if os.environ.get("DOCKER_HOST"):
+        return os.environ["DOCKER_HOST"]
+    return "npipe:////./pipe/docker_engine" if os.name == "nt" else "unix:///var/run/docker.sock"
+
+
+def root_cause(exc: BaseException) -> str:
+    """The most specific reason in an exception chain, e.g. `No such file or directory`.
+
+    The SDK wraps the OS error two or three times (`Error while fetching server API version:
+    ('Connection aborted.', FileNotFoundError(2, ...))`); an operator needs only the last part.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror
+        pending.extend(a for a in current.args if isinstance(a, BaseException))
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    text = re.sub(r"^Docker is not available( \([^)]*\))?:\s*", "", one_line(str(exc)))
+    return text or type(exc).__name__
 
 
 class RunOnce(Tool):
@@ -74,6 +101,14 @@ Prints one row per job state change. Exit 75 if another pass holds the lock or D
         try:
             check_docker(config)
             changes = run_pass(config, ctx.conn)
+        except sqlite3.Error as exc:
+            if not store_unusable(exc) or "locked" in str(exc) or "busy" in str(exc):
+                raise  # a busy store is reported by the common error mapping
+            # Nothing was half-done: every change is its own transaction, rolled back by SQLite.
+            raise TemporaryFailure(
+                f"cannot write the state store {config.db_path} ({one_line(str(exc))}"
+                f"{_error_name(exc)}): is its disk full? The next pass tries again"
+            ) from None
         finally:
             lock.release()
         ctx.emit([change.row() for change in changes], COLUMNS)
