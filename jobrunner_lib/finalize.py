@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import docker, outputs, tarstream
+from . import copyout, docker, outputs, tarstream
 from .docker import JobError
 from .models import Job, Msg, State, StatusCode, now
 
@@ -88,8 +88,13 @@ def decide(
     unmatched_files: list[str] | None,
     image_id: str | None,
     completed_at: int,
+    job_error: str | None = None,
 ) -> FinalResult:
-    """The job's outcome from its exit code and the outputs found (SPEC.md §6.6 step 3)."""
+    """The job's outcome from its exit code and the outputs found (SPEC.md §6.6 step 3).
+
+    `job_error` says why some matched outputs cannot be copied (unsafe names, a clash with the
+    workspace): the job then fails with that message rather than succeeding without them.
+    """
     from .executor import FinalResult
 
     common = dict(
@@ -106,10 +111,19 @@ def decide(
         if exit_code == OOM_EXIT_CODE or oom_killed:
             message += ": likely means it ran out of memory"
         return FinalResult(State.FAILED, StatusCode.NONZERO_EXIT, message, **common)
+    if job_error:
+        return FinalResult(State.FAILED, StatusCode.JOB_ERROR, job_error, **common)
     if unmatched_patterns:
         message = "\n".join([Msg.UNMATCHED, *(f" - {p}" for p in unmatched_patterns)])
         return FinalResult(State.FAILED, StatusCode.UNMATCHED_PATTERNS, message, **common)
     return FinalResult(State.SUCCEEDED, StatusCode.SUCCEEDED, Msg.SUCCEEDED, **common)
+
+
+def refused_message(refused: list[str]) -> str:
+    """`JobError: ...` naming (escaped, at most five) outputs whose names cannot be copied."""
+    shown = ", ".join(outputs.printable(path) for path in refused[:5])
+    more = f" and {len(refused) - 5} more" if len(refused) > 5 else ""
+    return f"JobError: Output file names must be UTF-8 without control characters: {shown}{more}"
 
 
 def job_metadata(
@@ -155,16 +169,32 @@ def trailer(metadata: dict[str, Any]) -> str:
     return text + "".join(f"  {path:<{width}}  - {level}\n" for path, level in rows)
 
 
-def workspace_path(root: Path, rel: str) -> Path:
-    """root/rel, refusing paths that could leave the workspace (a job's file names are untrusted)."""
+def workspace_path(root: Path, rel: str, checked: set[str] | None = None) -> Path:
+    """root/rel, refusing paths that could leave the workspace (a job's file names are untrusted).
+
+    A file where rel needs a directory (or a directory where it needs a file), left by another
+    action's outputs, is a JobError naming both: the job cannot be finalized into that workspace.
+    `checked` remembers parent directories already checked, for callers placing many files.
+    """
     if not outputs.is_safe_relative_path(rel):
         raise RuntimeError(f"refusing unsafe output path {rel!r}")
-    current = root
-    for part in rel.split("/")[:-1]:
-        current = current / part
-        if current.is_symlink():
-            raise RuntimeError(f"refusing to write {rel!r}: {current} is a symlink")
-    return root.joinpath(*rel.split("/"))
+    parts = rel.split("/")
+    parent = os.path.join(root, *parts[:-1])
+    if checked is None or parent not in checked:
+        current = root
+        for depth, part in enumerate(parts[:-1], start=1):
+            current = current / part
+            if current.is_symlink():
+                raise RuntimeError(f"refusing to write {rel!r}: {current} is a symlink")
+            if current.exists() and not current.is_dir():
+                where = "/".join(parts[:depth])
+                raise JobError(f"Cannot write output {rel}: {where} is a file in the workspace")
+        if checked is not None:
+            checked.add(parent)
+    dest = root.joinpath(*parts)
+    if dest.is_dir() and not dest.is_symlink():
+        raise JobError(f"Cannot write output {rel}: it is a directory in the workspace")
+    return dest
 
 
 def finalize_job(executor: LocalDockerExecutor, job: Job) -> FinalResult:
@@ -182,21 +212,47 @@ def finalize_job(executor: LocalDockerExecutor, job: Job) -> FinalResult:
     matched: dict[str, str] = {}
     unmatched_patterns: list[str] = []
     unmatched: list[str] | None = None
+    refused: list[str] = []
+    clashes: list[str] = []
+    files: list[tarstream.VolumeFile] = []
+    destinations: dict[str, list[Path]] = {}
+    high, medium = executor.high_workspace(job.workspace), executor.medium_workspace(job.workspace)
     if not job.cancelled:  # a cancelled job's files are never looked at
         files = docker.list_volume_files(config, job.id)
         marker = next((f for f in files if f.path == docker.MARKER), None)
         candidates = []
+        unsafe = []
         for f in files:
             if f.path == docker.MARKER:
                 continue
-            if not outputs.is_safe_relative_path(f.path):
-                log.warning(f"Ignoring file with an unsafe name: {f.path!r}", extra={"job": job})
+            problem = outputs.name_problem(f.path)
+            if problem:
+                log.warning(
+                    f"Not copying {outputs.printable(f.path)}: {problem}", extra={"job": job}
+                )
+                unsafe.append(f.path)
                 continue
             candidates.append(f)
         matched, unmatched_patterns = outputs.match_outputs(
             job.output_spec, [f.path for f in candidates]
         )
         matched = dict(matched)
+        refused = sorted(outputs.match_outputs(job.output_spec, unsafe)[0])
+        # Where each output goes, found before deciding: a clash with what the workspace holds
+        # fails the job (and skips that file) instead of surfacing half-way through the copies.
+        # Medium-privacy copies are written from the same read as the high-privacy ones.
+        checked: set[str] = set()
+        to_medium = set(outputs.medium_privacy_files(matched))
+        for path in sorted(matched):
+            try:
+                destinations[path] = [workspace_path(high, path, checked)]
+                if path in to_medium:
+                    destinations[path].append(workspace_path(medium, path, checked))
+            except JobError as exc:
+                log.warning(str(exc), extra={"job": job})
+                clashes.append(f"JobError: {exc}")
+                destinations.pop(path, None)
+                del matched[path]
         if unmatched_patterns:
             # Files the job wrote (newer than the marker) that no pattern matched: usually a typo.
             new = [f.path for f in candidates if marker is None or f.mtime >= marker.mtime]
@@ -211,6 +267,7 @@ def finalize_job(executor: LocalDockerExecutor, job: Job) -> FinalResult:
         unmatched,
         image_id,
         now(),
+        refused_message(refused) if refused else (clashes[0] if clashes else None),
     )
     final = apply_result(job, result)
     metadata = job_metadata(
@@ -220,24 +277,33 @@ def finalize_job(executor: LocalDockerExecutor, job: Job) -> FinalResult:
     if job.cancelled:
         return result  # SPEC.md §2.1: only the log and metadata; workspaces untouched
 
-    high, medium = executor.high_workspace(job.workspace), executor.medium_workspace(job.workspace)
     action_log = workspace_path(high, f"metadata/{job.action}.log")
     tarstream.atomic_copy(logs_txt, action_log)
     log.info(f"Logs written to: {action_log}", extra={"job": job})
     tarstream.atomic_copy(logs_txt, workspace_path(medium, f"metadata/{job.action}.log"))
 
-    helper = docker.helper_name(job.id)
-    for path in sorted(matched):
-        log.info(f"Extracting output file: {path}", extra={"job": job})
-        docker.copy_file_out(
-            helper,
-            f"{docker.WORKSPACE}/{path}",
-            workspace_path(high, path),
-            progress=executor.progress,
-            stall_timeout=config.copy_stall_timeout,
-        )
-    for path in sorted(outputs.medium_privacy_files(matched)):
-        tarstream.atomic_copy(workspace_path(high, path), workspace_path(medium, path))
+    # Few Docker calls however many files (see copyout.py); each file is still written through
+    # a temporary name and renamed into place, and only regular files are ever written.
+    copyout.copy_outputs(
+        docker.helper_name(job.id),
+        files,
+        destinations,
+        progress=executor.progress,
+        stall_timeout=config.copy_stall_timeout,
+        starting=lambda path: log.info(f"Extracting output file: {path}", extra={"job": job}),
+    )
+    # A path now declared more sensitive than before must not keep its old medium-privacy copy.
+    medium_checked: set[str] = set()
+    for path, targets in destinations.items():
+        if len(targets) > 1:
+            continue
+        try:
+            stale = workspace_path(medium, path, medium_checked)
+            if stale.is_file() or stale.is_symlink():
+                log.info(f"Deleting medium privacy copy of {path}", extra={"job": job})
+                stale.unlink()
+        except (JobError, OSError) as exc:  # not a file there: nothing of this path to remove
+            log.warning(f"Could not check {path} in the medium tree: {exc}", extra={"job": job})
     # The rump manifest, still read by the release tooling.
     manifest = json.dumps({"repo": job.repo_url, "workspace": job.workspace}, indent=2)
     tarstream.atomic_write(workspace_path(medium, "metadata/manifest.json"), manifest)
@@ -250,7 +316,10 @@ def finalize_job(executor: LocalDockerExecutor, job: Job) -> FinalResult:
             for path in sorted(outputs.obsolete_outputs(previous.outputs, matched)):
                 log.info(f"Deleting obsolete output file: {path}", extra={"job": job})
                 for root in (high, medium):
-                    workspace_path(root, path).unlink(missing_ok=True)
+                    try:
+                        workspace_path(root, path).unlink(missing_ok=True)
+                    except (JobError, OSError) as exc:  # e.g. now a directory: leave it
+                        log.warning(f"Could not delete {path}: {exc}", extra={"job": job})
     return result
 
 

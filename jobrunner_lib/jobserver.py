@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -93,6 +94,10 @@ def _str_list(obj: Mapping[str, Any], key: str, *, required: bool) -> list[str]:
     return list(values)
 
 
+MAX_IDENTIFIER = 100
+_BAD_IDENTIFIER = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+
+
 def parse_job_request(obj: dict) -> dict:
     """Normalise one wire job request (SPEC §4.3, window or today's shape) into SPEC §3.1's shape."""
     if not isinstance(obj, dict):
@@ -100,6 +105,13 @@ def parse_job_request(obj: dict) -> dict:
     identifier = _require(obj, "identifier", (str, int))
     if str(identifier) == "":
         raise ValueError("'identifier' is empty")
+    # It becomes a `req=` log tag, a database key and a path in the operator tools: a real one
+    # is 16 base32 characters, so anything long or with spaces or control characters is refused.
+    if len(str(identifier)) > MAX_IDENTIFIER or _BAD_IDENTIFIER.search(str(identifier)):
+        raise ValueError(
+            f"'identifier' must be at most {MAX_IDENTIFIER} characters without spaces or "
+            "control characters"
+        )
     workspace = _require(obj, "workspace", dict)
     # Today's server drops workspace.db for a top-level database_name; old servers only have db.
     database_name = obj.get("database_name")
@@ -467,7 +479,7 @@ class JobServerClient:
     def _json(self, response: requests.Response, method: str, url: str) -> Any:
         try:
             return json.loads(response.content)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested too deeply
             raise JobServerBadResponse(
                 f"{method} {self._display(url)}: {response.status_code} with a body that is not "
                 f"JSON: {self._snippet(response)}",
@@ -540,12 +552,18 @@ class JobServerClient:
 
 
 def _label(obj: Any, index: int) -> str:
+    """How a problem names a request: its identifier (escaped, cut short) or its position."""
     if isinstance(obj, dict):
         identifier = obj.get("identifier")
         if isinstance(identifier, (str, int)) and not isinstance(identifier, bool):
-            if str(identifier):
-                return str(identifier)
+            # A problem is one log line: no control characters, nothing huge from the body.
+            text = _CONTROL.sub(lambda m: ascii(m.group())[1:-1], str(identifier))
+            if text:
+                return text if len(text) <= 64 else f"{text[:61]}..."
     return f"#{index}"
+
+
+_CONTROL = re.compile("[\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]")
 
 
 def _describe(exc: BaseException) -> str:

@@ -17,6 +17,8 @@ PRIVACY_LEVELS = ("highly_sensitive", "moderately_sensitive", "minimally_sensiti
 MEDIUM_PRIVACY_LEVELS = ("moderately_sensitive", "minimally_sensitive")
 
 _DRIVE = re.compile(r"[A-Za-z]:")
+# C0 and C1 controls and the Unicode line separators (str.splitlines breaks lines at all of them).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 @lru_cache(maxsize=4096)
@@ -27,10 +29,18 @@ def glob_to_regex(pattern: str) -> re.Pattern:
     return re.compile(rf"\A{body}\Z")
 
 
+# Higher is more sensitive; unknown levels (rejected by the parser anyway) count as the most.
+_SENSITIVITY = {"minimally_sensitive": 0, "moderately_sensitive": 1, "highly_sensitive": 2}
+
+
 def match_outputs(
     output_spec: Mapping[str, Mapping[str, str]], files: Iterable[str]
 ) -> tuple[dict[str, str], list[str]]:
-    """({path: privacy level}, patterns matching no file); the last level in spec order wins."""
+    """({path: privacy level}, patterns matching no file); the most sensitive matching level wins.
+
+    The old runner let the last level written win, so a file declared highly_sensitive that a broader
+    moderately_sensitive glob also matched went to the medium-privacy tree. jr never does that.
+    """
     files = list(files)
     matched: dict[str, str] = {}
     unmatched: list[str] = []
@@ -42,7 +52,8 @@ def match_outputs(
             if not hits:
                 unmatched.append(pattern)
             for path in hits:
-                matched[path] = level
+                if path not in matched or _SENSITIVITY[level] > _SENSITIVITY[matched[path]]:
+                    matched[path] = level
     return matched, unmatched
 
 
@@ -64,6 +75,30 @@ def obsolete_outputs(previous: Mapping[str, str], current: Mapping[str, str]) ->
     """
     produced = {path.casefold() for path in current}
     return [path for path in previous if path.casefold() not in produced]
+
+
+def name_problem(path: str) -> str | None:
+    """Why a file a job wrote cannot be copied to the workspaces under its name, or None if it can.
+
+    Besides the escapes is_safe_relative_path rejects, names with control characters (a newline
+    would forge lines in logs.txt, the run log and every listing) and names that are not UTF-8
+    (they cannot be written to logs.txt, the database's JSON, or a Windows host) are refused.
+    """
+    if not is_safe_relative_path(path):
+        return "it is not a plain relative path"
+    if _CONTROL.search(path):
+        return "it contains control characters"
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "it is not valid UTF-8"
+    return None
+
+
+def printable(path: str) -> str:
+    """A file name quoted on one line: bad bytes as \\xff, control characters as \\n, \\t, \\x1b."""
+    text = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "'" + "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text) + "'"
 
 
 def is_safe_relative_path(path: str) -> bool:

@@ -70,10 +70,24 @@ class Problem:
     action: str | None = None
 
     def format(self, filename: str) -> str:
-        """`<file>: action '<name>': <message> (line N)`, leaving out what is unknown."""
-        where = f"action '{self.action}': " if self.action is not None else ""
+        """`<file>: action '<name>': <message> (line N)`, leaving out what is unknown.
+
+        Always one readable line: control characters from the file (a newline in a quoted
+        name) are escaped, and a message quoting a huge value is cut short.
+        """
+        where = f"action '{one_line(self.action, 100)}': " if self.action is not None else ""
         line = f" (line {self.line})" if self.line is not None else ""
-        return f"{filename}: {where}{self.message}{line}"
+        return f"{filename}: {where}{one_line(self.message, MAX_MESSAGE)}{line}"
+
+
+MAX_MESSAGE = 500
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str, limit: int) -> str:
+    """text with control characters escaped (`\\n`), cut to about limit characters."""
+    text = _CONTROL.sub(lambda m: ascii(m.group())[1:-1], str(text))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass

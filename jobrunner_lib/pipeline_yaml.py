@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -218,7 +219,13 @@ class _Builder:
             if event.implicit[0]:
                 for regex, kind in self.table.get(value[:1], ()):
                     if regex.match(value):
-                        return value if kind == "merge" else _convert(kind, value, self.v11)
+                        if kind == "merge":
+                            return value
+                        try:
+                            return _convert(kind, value, self.v11)
+                        except ValueError:  # e.g. more digits than Python converts
+                            message = f"cannot read {_shown(value)} as a number"
+                            raise self.error(message, event) from None
                 if not value:
                     return None
             return value
@@ -260,7 +267,9 @@ class _Builder:
             if seen:
                 original = data.get(key)
                 shown = (
-                    f' with value "{value}" (original value: "{original}")' if not is_merge else ""
+                    f' with value "{_shown(value)}" (original value: "{_shown(original)}")'
+                    if not is_merge
+                    else ""
                 )
                 self.doc.problems.append(
                     YamlProblem(f'found duplicate key "{key}"{shown}', line, tuple(self.path))
@@ -330,6 +339,22 @@ class _Builder:
         return result
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 60, 60
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message quotes it: as written if short, else abbreviated.
+
+    Never the whole of a huge value (an alias can stand for billions of items).
+    """
+    if isinstance(value, str):
+        return value if len(value) <= 80 else value[:77] + "..."
+    if isinstance(value, (dict, list, tuple, set, frozenset)):
+        return _REPR.repr(value)
+    return str(value)[:80]
+
+
 def _build(loader_cls: type, text: str | bytes) -> YamlDocument:
     loader = loader_cls(text)
     try:
@@ -376,17 +401,58 @@ def describe_yaml_error(exc: yaml.YAMLError) -> str:
 
 
 def load_yaml(text: str | bytes) -> YamlDocument:
-    """Parse one YAML document; raises YamlProblem for syntax errors and nesting too deep."""
+    """Parse one YAML document; raises YamlProblem for syntax errors, nesting too deep, and
+    aliases that expand the document beyond MAX_EXPANDED_VALUES values."""
     try:
+        doc = None
         if FAST_LOADER is not None:
             try:
-                return _build(FAST_LOADER, text)
+                doc = _build(FAST_LOADER, text)
             except yaml.YAMLError:
                 pass  # re-read below: PyYAML's messages match the official wording better
-        try:
-            return _build(_PyLoader, text)
-        except yaml.YAMLError as exc:
-            # the line and column are in the message already
-            raise YamlProblem(describe_yaml_error(exc), None) from None
+        if doc is None:
+            try:
+                doc = _build(_PyLoader, text)
+            except yaml.YAMLError as exc:
+                # the line and column are in the message already
+                raise YamlProblem(describe_yaml_error(exc), None) from None
+        _check_expansion(doc.data)
+        return doc
     except RecursionError:
         raise YamlProblem("the document is nested too deeply", None) from None
+
+
+# An alias stands for its anchor's whole value, so a few lines can describe a value of billions
+# of items ("billion laughs") that every later step would walk, print or serialise; a real
+# project.yaml is nowhere near this many values even with its aliases expanded.
+MAX_EXPANDED_VALUES = 100_000
+
+
+def _check_expansion(data: Any) -> None:
+    """YamlProblem if aliases expand the document beyond MAX_EXPANDED_VALUES values."""
+    sizes: dict[int, int] = {}  # by id: each shared (aliased) value is counted once, memoized
+    open_ids: set[int] = set()
+
+    def size(value: Any) -> int:
+        if not isinstance(value, (dict, list, tuple, set, frozenset)):
+            return 1
+        key = id(value)
+        if key in sizes:
+            return sizes[key]
+        if key in open_ids:
+            return 1  # a value containing itself: the rules report it where it matters
+        open_ids.add(key)
+        total = 1
+        for item in value.items() if isinstance(value, dict) else value:
+            total += size(item[0]) + size(item[1]) if isinstance(value, dict) else size(item)
+            if total > MAX_EXPANDED_VALUES:
+                raise YamlProblem(
+                    f"the document has more than {MAX_EXPANDED_VALUES} values once its aliases"
+                    " are expanded",
+                    None,
+                )
+        open_ids.discard(key)
+        sizes[key] = total
+        return total
+
+    size(data)

@@ -8,11 +8,14 @@ aborted copy can leave a container that hangs every later call, so we give up wa
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, TypeVar
@@ -20,12 +23,18 @@ from typing import IO, Any, TypeVar
 BLOCK = 512
 CHUNK = 1024 * 1024
 T = TypeVar("T")
-# The helper lists the volume in one run: NUL-terminated names, an empty record, then one
-# "size mtime" line per name in the same order. Only the stat lines are newline-separated, so
-# names may hold any byte but NUL. `-type f` skips symlinks: find never follows them.
+# The helper lists the volume in one run and prints only ASCII: a header line, the
+# NUL-terminated names as hex bytes (`od`), a `--` line, then one "size mtime" line per name in
+# the same order. A name may hold any byte but NUL: it reaches us through the container's log,
+# and Docker's log drivers replace bytes that are not UTF-8, so names are never printed raw.
+# `-type f` skips symlinks, FIFOs and devices: find never follows a link. Names and stats are
+# written by the same command for each batch of names, so the two lists stay in step (busybox's
+# `xargs -0` garbles names once its input passes a few thousand of them).
+LISTING_HEADER = "jr-listing-v2"
 LIST_SCRIPT = (
-    "cd /workspace && find . -type f -print0 > /tmp/jr-files && cat /tmp/jr-files && printf '\\0' "
-    "&& xargs -0 -r stat -c '%s %Y' < /tmp/jr-files"
+    "cd /workspace && : > /tmp/jr-files && : > /tmp/jr-stats && find . -type f -exec sh -c "
+    """'printf "%s\\0" "$@" >> /tmp/jr-files && stat -c "%s %Y" "$@" >> /tmp/jr-stats' sh {} + """
+    f"&& echo {LISTING_HEADER} && od -An -v -tx1 /tmp/jr-files && echo -- && cat /tmp/jr-stats"
 )
 
 # The process umask, read once at import (reading it means setting it, which is not thread-safe).
@@ -239,7 +248,6 @@ def extract_one_file(stream: IO[bytes], expected_name: str, dest: Path, progress
     no reader ever sees half a file. Anything but one regular file named expected_name (a
     symlink, a directory, a device) raises UnsafeArchive: a job's files are untrusted.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:
         member = tar.next()
         if member is None:
@@ -248,34 +256,102 @@ def extract_one_file(stream: IO[bytes], expected_name: str, dest: Path, progress
             raise UnsafeArchive(f"archive for {expected_name} holds {member.name!r}")
         if not member.isreg():
             raise UnsafeArchive(f"{expected_name} is not a regular file")
-        source = tar.extractfile(member)
-        assert source is not None
-        tmp = dest.parent / f".jr-tmp-{dest.name}.{os.getpid()}.{threading.get_ident()}"
-        try:
-            with open(tmp, "wb") as out:
-                remaining = member.size
-                while remaining:
-                    chunk = source.read(min(CHUNK, remaining))
-                    if not chunk:
-                        raise UnsafeArchive(f"archive ended inside {expected_name}")
-                    out.write(chunk)
-                    remaining -= len(chunk)
-            os.chmod(tmp, 0o666 & ~_UMASK)
-            if progress.abandoned.is_set():
-                raise CopyStalled("copy abandoned")  # the job has been failed; leave no file
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _write_member(tar, member, [dest], progress)
         if tar.next() is not None:
             raise UnsafeArchive(f"archive for {expected_name} holds more than one file")
         return member.size
 
 
+def extract_members(
+    stream: IO[bytes], wanted: Mapping[str, Sequence[Path]], progress: Progress
+) -> tuple[set[str], set[str]]:
+    """Write the wanted members of a (directory) tar stream to their destinations atomically.
+
+    `wanted` maps member names to one or more destinations (e.g. the high and the medium
+    privacy copy, written from the one read); every other member is read past and dropped.
+    Returns (names written, names that were not regular files). A hard link to a member written
+    earlier is written as a copy of it; any other link, directory, FIFO or device is never
+    written: the caller decides what to do about it (a job's files are untrusted).
+    """
+    written: dict[str, Path] = {}
+    refused: set[str] = set()
+    made: set[Path] = set()  # directories known to exist: one mkdir per directory, not per file
+    with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:
+        for member in tar:
+            dests = wanted.get(member.name)
+            if not dests:
+                continue  # tarfile skips its data when the next header is read
+            for dest in dests:
+                if dest.parent not in made:
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    made.add(dest.parent)
+            if member.isreg():
+                _write_member(tar, member, dests, progress)
+                written[member.name] = dests[0]
+            elif member.islnk() and member.linkname in written:
+                # A second name for a file already written (tar stores hard links once).
+                for dest in dests:
+                    atomic_copy(written[member.linkname], dest)
+                written[member.name] = dests[0]
+            else:
+                refused.add(member.name)
+    return set(written), refused
+
+
+def _write_member(
+    tar: tarfile.TarFile, member: tarfile.TarInfo, dests: Sequence[Path], progress: Progress
+) -> None:
+    """Stream one regular member's data to temporary files beside each dest, then rename them."""
+    source = tar.extractfile(member)
+    assert source is not None  # a regular file always has data
+    temps = [temp_path(dest) for dest in dests]
+    try:
+        with ExitStack() as stack:
+            outs = [stack.enter_context(open(tmp, "wb")) for tmp in temps]
+            remaining = member.size
+            while remaining:
+                chunk = source.read(min(CHUNK, remaining))
+                if not chunk:
+                    raise UnsafeArchive(f"archive ended inside {member.name}")
+                for out in outs:
+                    out.write(chunk)
+                remaining -= len(chunk)
+        for tmp in temps:
+            os.chmod(tmp, 0o666 & ~_UMASK)
+        if progress.abandoned.is_set():
+            raise CopyStalled("copy abandoned")  # the job has been failed; leave no file
+        for tmp, dest in zip(temps, dests, strict=True):
+            os.replace(tmp, dest)
+    except OSError as exc:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC and not exc.filename:
+            # A failed write names no file; say where, so the disk that filled can be named.
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dests[0])) from exc
+        raise
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def temp_path(dest: Path) -> Path:
+    """A temporary name beside dest, unique to this process and thread, never over NAME_MAX.
+
+    dest's own name may already be 255 bytes long (the most a file system allows), so a long
+    name is replaced by a digest rather than prefixed.
+    """
+    name = dest.name
+    if len(os.fsencode(name)) > 100:
+        name = hashlib.sha256(os.fsencode(name)).hexdigest()[:24]
+    return dest.parent / f".jr-tmp-{name}.{os.getpid()}.{threading.get_ident()}"
+
+
 def atomic_write(dest: Path, data: bytes | str) -> None:
     """Write a small file through a temporary name in the same directory and os.replace."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".jr-tmp-{dest.name}.{os.getpid()}.{threading.get_ident()}"
+    tmp = temp_path(dest)
     try:
         with open(tmp, "wb") as out:
             out.write(data.encode() if isinstance(data, str) else data)
@@ -291,7 +367,7 @@ def atomic_copy(source: Path, dest: Path) -> None:
     import shutil
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".jr-tmp-{dest.name}.{os.getpid()}.{threading.get_ident()}"
+    tmp = temp_path(dest)
     try:
         shutil.copyfile(source, tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)
@@ -311,14 +387,32 @@ class VolumeFile:
 
 
 def parse_listing(out: bytes) -> list[VolumeFile]:
-    """Parse LIST_SCRIPT output (NUL-terminated names, empty record, then 'size mtime' lines)."""
+    """Parse LIST_SCRIPT output into the volume's regular files."""
+    if not out.startswith(LISTING_HEADER.encode() + b"\n"):
+        # A helper created by an earlier jr (before an upgrade) still runs the raw-name script.
+        return _parse_raw_listing(out)
+    lines = out.decode("ascii").splitlines()
+    try:
+        end = lines.index("--")
+        raw = bytes.fromhex("".join(lines[1:end]))
+    except ValueError:
+        raise RuntimeError("unexpected output from the volume listing") from None
+    names = [n.decode("utf-8", "surrogateescape") for n in raw.split(b"\0")[:-1]]
+    return _with_stats(names, lines[end + 1 :])
+
+
+def _parse_raw_listing(out: bytes) -> list[VolumeFile]:
+    """The first listing format: NUL-terminated names, an empty record, then 'size mtime' lines."""
     if out.startswith(b"\0"):
         return []
     names_part, sep, stats_part = out.partition(b"\0\0")
     if not sep:
         raise RuntimeError("unexpected output from the volume listing")
     names = [n.decode("utf-8", "surrogateescape") for n in names_part.split(b"\0")]
-    stats = stats_part.decode().splitlines()
+    return _with_stats(names, stats_part.decode().splitlines())
+
+
+def _with_stats(names: list[str], stats: list[str]) -> list[VolumeFile]:
     if len(stats) != len(names):
         raise RuntimeError(f"volume listing has {len(names)} names but {len(stats)} stat lines")
     files = []

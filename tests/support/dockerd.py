@@ -89,7 +89,11 @@ class PrivateDockerd:
             # An empty config file, so the machine's /etc/docker/daemon.json (hosts, bridge) is
             # not read: it could point this daemon at the main one's socket or network.
             config.write_text("{}\n")
+        # Its own network namespace: with --bridge=none a daemon deletes any `docker0` it sees,
+        # which in the host's namespace would be the main daemon's bridge.
+        netns = ["unshare", "--net", "--"] if shutil.which("unshare") else []
         return [
+            *netns,
             shutil.which("dockerd") or "dockerd",
             "--config-file",
             str(config),

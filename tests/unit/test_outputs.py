@@ -90,7 +90,7 @@ def test_match_outputs_assigns_levels_and_lists_unmatched_patterns() -> None:
     )
 
 
-def test_a_file_matching_several_patterns_gets_the_last_level_in_spec_order() -> None:
+def test_a_file_matching_several_levels_gets_the_most_sensitive() -> None:
     spec = {
         "moderately_sensitive": {"all": "output/*.csv"},
         "highly_sensitive": {"one": "output/a.csv"},
@@ -157,7 +157,8 @@ def test_matching_agrees_with_an_independent_model(spec: dict, paths: list[str])
         levels = [
             lvl for lvl, group in spec.items() for g in group.values() if reference_match(g, path)
         ]
-        assert matched.get(path) == (levels[-1] if levels else None)
+        most = max(levels, key=PRIVACY_LEVELS[::-1].index) if levels else None
+        assert matched.get(path) == most
     expected = [g for group in spec.values() for g in group.values()
                 if not any(reference_match(g, path) for path in paths)]  # fmt: skip
     assert unmatched == expected
@@ -209,3 +210,19 @@ def test_safe_paths_never_leave_the_workspace(segments: list[str]) -> None:
         for part in path.split("/"):
             depth += -1 if part == ".." else 1
             assert depth > 0
+
+
+def test_a_highly_sensitive_file_is_never_routed_to_medium_whatever_else_matches_it() -> None:
+    for order in (
+        ("highly_sensitive", "moderately_sensitive"),
+        ("moderately_sensitive", "highly_sensitive"),
+    ):
+        spec = {order[0]: {"x": "out/*.csv"}, order[1]: {"y": "out/secret.csv"}}
+        if order[0] == "highly_sensitive":
+            spec = {
+                "highly_sensitive": {"y": "out/secret.csv"},
+                "moderately_sensitive": {"x": "out/*.csv"},
+            }
+        matched, _ = match_outputs(spec, ["out/secret.csv", "out/table.csv"])
+        assert "out/secret.csv" not in medium_privacy_files(matched)
+        assert "out/table.csv" in medium_privacy_files(matched)

@@ -1,0 +1,127 @@
+"""Shared fixtures for the reliability tests: real jobs on the real Docker engine, driven in-process.
+
+Every Docker object a test makes carries its own `org.jr.test=<uuid>` label (the `docker_label`
+fixture, passed to jr through JR_EXTRA_LABELS) and is removed afterwards, pass or fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from jobrunner_lib import db, docker
+from jobrunner_lib.config import Config, load_config
+from jobrunner_lib.ids import job_id, new_request_id
+from jobrunner_lib.models import Job, JobRequest, Msg, State, StatusCode, new_job, transition
+from tests.support.studies import make_study
+
+SOAK = os.environ.get("JR_SOAK") == "1"
+IMAGES = ("jr-busybox:latest", "jr-demo/python:v1")
+
+
+@pytest.fixture(scope="session")
+def docker_ready() -> None:
+    """Skip when there is no Docker engine or the demo images are missing."""
+    try:
+        docker.ping()
+    except Exception as exc:  # noqa: BLE001 - any failure means "no Docker here"
+        pytest.skip(f"Docker not available: {exc}")
+    for image in IMAGES:
+        if not docker.image_exists(image):
+            pytest.skip(f"image {image} missing: run scripts/build-images")
+
+
+@pytest.fixture
+def labelled(docker_ready: None, docker_label: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """This test's Docker label, set for every object jr creates (removed by docker_label)."""
+    monkeypatch.setenv(docker.EXTRA_LABELS_ENV, docker_label)
+    return docker_label
+
+
+def make_config(base: Path, **env: str) -> Config:
+    """A backend whose workdir and privacy trees all live under base."""
+    return load_config(
+        environ={
+            "JR_ENV_FILE": str(base / "no.env"),
+            "WORKDIR": str(base / "workdir"),
+            "COPY_STALL_TIMEOUT": "60",
+            **env,
+        }
+    )
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    """A dummy-data backend in tmp_path."""
+    return make_config(tmp_path)
+
+
+@pytest.fixture
+def conn(config: Config) -> Iterator:
+    """A connection to the config's database."""
+    connection = db.connect(config.db_path)
+    yield connection
+    connection.close()
+
+
+def script(body: str) -> str:
+    """A job script from an indented block (leading whitespace stripped from each line)."""
+    return "\n".join(line.strip() for line in body.strip().splitlines()) + "\n"
+
+
+class Jobs:
+    """Inserts jobs in the state the run pass leaves them after a claim (running/preparing)."""
+
+    def __init__(self, conn, repo: Path, commit: str):
+        self.conn, self.repo, self.commit = conn, repo, commit
+
+    def add(
+        self,
+        action: str,
+        command: str | list[str],
+        outputs: dict,
+        *,
+        workspace: str = "ws",
+        **fields,
+    ) -> Job:
+        """A claimed job running `command` (a string, or image and arguments to quote)."""
+        if not isinstance(command, str):
+            command = shlex.join(command)
+        request = JobRequest(
+            id=new_request_id(),
+            repo_url=str(self.repo),
+            commit=self.commit,
+            branch="main",
+            requested_actions=[action],
+            cancelled_actions=[],
+            workspace=workspace,
+            database_name="dummy",
+            created_by="tester",
+            original={"identifier": "x", "created_by": "tester", "sha": self.commit},
+        )
+        job = new_job(
+            job_id(request.id, action),
+            request,
+            action,
+            State.PENDING,
+            StatusCode.CREATED,
+            "Created",
+            run_command=command,
+            output_spec=outputs,
+            **fields,
+        )
+        job = transition(job, State.RUNNING, StatusCode.PREPARING, Msg.PREPARING, attempts=1)
+        db.insert_request(self.conn, request, [job])
+        return job
+
+
+def study_with(path: Path, scripts: dict[str, str]) -> tuple[Path, str]:
+    """A git study repo holding analysis/<name> for each script; (path, commit)."""
+    files = {f"analysis/{name}": script(body) for name, body in scripts.items()}
+    return make_study(
+        path, "version: '3.0'\nexpectations: {population_size: 10}\nactions: {}\n", files
+    )
