@@ -422,7 +422,7 @@ def test_run_once_with_docker_unreachable_exits_75_with_one_line_and_changes_no_
 
 
 @pytest.mark.slow
-def test_run_passes_keep_completing_while_a_worker_copies_a_1gb_input(rig, tmp_path):
+def test_run_passes_keep_completing_while_a_worker_copies_a_2gb_input(rig, tmp_path):
     repo, _ = make_study(
         tmp_path / "study",
         project(
@@ -439,7 +439,7 @@ def test_run_passes_keep_completing_while_a_worker_copies_a_1gb_input(rig, tmp_p
             "        size: output/size.txt\n"
         ),
         {
-            "analysis/big.sh": "mkdir -p output\ndd if=/dev/zero of=output/big.bin bs=1M count=1024 2>&1\n",
+            "analysis/big.sh": "mkdir -p output\ndd if=/dev/zero of=output/big.bin bs=1M count=2048 2>&1\n",
             "analysis/reader.sh": "wc -c < output/big.bin | tr -d ' ' > output/size.txt\n",
         },
     )
@@ -471,7 +471,7 @@ def test_run_passes_keep_completing_while_a_worker_copies_a_1gb_input(rig, tmp_p
             if before == rig.jobs([reader])[reader]["status_code"] == "preparing":
                 during_copy += 1
         print(
-            f"\njr-run-once passes while a worker copied 1 GiB in: {len(durations)} passes "
+            f"\njr-run-once passes while a worker copied 2 GiB in: {len(durations)} passes "
             f"({during_copy} wholly during the copy), durations "
             + ", ".join(f"{d:.2f}s" for d in durations)
         )
@@ -481,7 +481,7 @@ def test_run_passes_keep_completing_while_a_worker_copies_a_1gb_input(rig, tmp_p
         final = rig.jobs(ids)
         assert {j["state"] for j in final.values()} == {"succeeded"}, final
         size = (rig.high / "workspaces/test/output/size.txt").read_text().strip()
-        assert size == str(1024 * 1024 * 1024)
+        assert size == str(2 * 1024 * 1024 * 1024)
         assert (rig.medium / "workspaces/test/output/size.txt").exists()
         no_objects_left(rig)
     finally:
