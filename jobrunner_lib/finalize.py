@@ -255,7 +255,16 @@ def finalize_job(executor: LocalDockerExecutor, job: Job) -> FinalResult:
                 del matched[path]
         if unmatched_patterns:
             # Files the job wrote (newer than the marker) that no pattern matched: usually a typo.
-            new = [f.path for f in candidates if marker is None or f.mtime >= marker.mtime]
+            # Inputs copied in are not the job's own files, whatever their mtime says.
+            inputs = set()
+            for action in job.requires_outputs_from:
+                producer = latest_succeeded_job(executor.conn, job.workspace, action)
+                inputs.update((producer.outputs or {}) if producer else {})
+            new = [
+                f.path
+                for f in candidates
+                if (marker is None or f.mtime >= marker.mtime) and f.path not in inputs
+            ]
             unmatched = list(outputs.unmatched_files(new, matched))
 
     result = decide(

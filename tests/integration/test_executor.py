@@ -351,6 +351,25 @@ def test_unmatched_pattern_names_the_pattern_and_the_files_written(config, jobs)
     assert "Did you mean to match one of these files instead?\n - output/other.txt\n" in log_text
 
 
+def test_did_you_mean_hint_never_offers_the_jobs_inputs(config, jobs):
+    first = jobs.add("write", "python:v1 analysis/write.sh", THREE_LEVELS)
+    assert drive_job(config, first.id).state is State.SUCCEEDED
+    # An input newer than the job's start marker (clock skew, a copy in the same second) must
+    # still not be mistaken for a file the job wrote.
+    future = time.time() + 3600
+    for path in (workspaces(config)[0] / "output").iterdir():
+        os.utime(path, (future, future))
+    second = jobs.add(
+        "typo",
+        "python:v1 analysis/typo.sh",
+        {"moderately_sensitive": {"t": "output/table.csv"}},
+        needs=["write"],
+    )
+    done = drive_job(config, second.id)
+    assert done.status_code is StatusCode.UNMATCHED_PATTERNS
+    assert done.unmatched_outputs == ["output/other.txt"]
+
+
 def test_chain_second_action_reads_first_actions_output(config, jobs, caplog):
     first = jobs.add("write", "python:v1 analysis/write.sh", THREE_LEVELS)
     assert drive_job(config, first.id).state is State.SUCCEEDED
