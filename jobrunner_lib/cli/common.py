@@ -253,7 +253,11 @@ class Context:
                 f"{target.id}  {label}  {job.state.value}  {job.workspace}  "
                 f"{human_age(now - job.created_at)}"
             )
-        choice = iterfzf(lines, prompt=f"{fragment}> ", header="id  action  state  workspace  age")
+        # Exact substring matching: operators type ID fragments, and fuzzy matching would let a
+        # fragment match across columns (an id's letters, then the "d" of an age).
+        choice = iterfzf(
+            lines, prompt=f"{fragment}> ", header="id  action  state  workspace  age", exact=True
+        )
         if not choice:
             raise KeyboardInterrupt
         chosen_id = choice.split()[0]

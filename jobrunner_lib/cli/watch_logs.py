@@ -191,7 +191,11 @@ its job ID. Ctrl-C stops (exit 130)."""
             for j in running
         ]
         chosen = iterfzf(
-            lines, multi=True, prompt="watch> ", header="id  action  workspace  running for"
+            lines,
+            multi=True,
+            prompt="watch> ",
+            header="id  action  workspace  running for",
+            exact=True,  # ID fragments, not fuzzy matches across columns
         )
         if not chosen:
             raise KeyboardInterrupt

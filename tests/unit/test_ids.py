@@ -114,3 +114,26 @@ def test_any_substring_of_an_id_finds_that_job(data):
     end = data.draw(st.integers(start + 3, 16))
     targets = ids.targets_for(job.id[start:end], [job])
     assert any(job in t.jobs for t in targets)
+
+
+def test_the_picker_matches_id_fragments_exactly_not_fuzzily(store, monkeypatch):
+    import iterfzf
+
+    from jobrunner_lib.cli.common import Context
+    from jobrunner_lib.cli.ls import Ls
+
+    conn, req, extract, model, report = store
+    seen = {}
+
+    def fake_iterfzf(lines, **kwargs):
+        seen.update(kwargs, lines=list(lines))
+        return seen["lines"][0]
+
+    monkeypatch.setattr(iterfzf, "iterfzf", fake_iterfzf)
+    ctx = Context(
+        Ls(), Ls().build_parser().parse_args([]), None, io.StringIO(), io.StringIO(), io.StringIO()
+    )
+    targets = ids.targets_for("qqqq", [extract, model, report])
+    chosen = ctx.pick("qqqq", targets)
+    assert seen["exact"] is True
+    assert chosen.id == seen["lines"][0].split()[0]
