@@ -150,7 +150,7 @@ def _copy_directory(
 
     def call() -> tuple[set[str], set[str]]:
         # docker.py's own error translation and hang guard, as for single-file copies.
-        with docker._calls(what):
+        with docker.calls(what):
             stream, _stat = docker.client().api.get_archive(
                 helper, source, chunk_size=tarstream.CHUNK
             )
@@ -160,4 +160,4 @@ def _copy_directory(
             finally:
                 getattr(stream, "close", lambda: None)()
 
-    return docker._guarded(call, helper, progress, stall_timeout, what)
+    return docker.guarded(call, helper, progress, stall_timeout, what)

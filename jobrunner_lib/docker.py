@@ -139,7 +139,7 @@ def client() -> Any:
 
 
 @contextmanager
-def _calls(what: str, *, missing_ok: bool = False, ok_if: tuple[str, ...] = ()) -> Iterator[None]:
+def calls(what: str, *, missing_ok: bool = False, ok_if: tuple[str, ...] = ()) -> Iterator[None]:
     """Translate SDK errors: daemon gone -> DockerUnavailable, disk full -> JobError.
 
     missing_ok swallows "no such ..." (404); ok_if swallows errors whose text has one of the
@@ -179,7 +179,7 @@ def ping(*, fresh: bool = False) -> None:
     import docker
 
     try:
-        with _calls("ping"):
+        with calls("ping"):
             if not fresh:
                 client().api.ping()
                 return
@@ -197,7 +197,7 @@ def ping(*, fresh: bool = False) -> None:
 
 def image_id(image: str) -> str | None:
     """The local image's id (`sha256:…`), or None if it is not present."""
-    with _calls("inspect image", missing_ok=True):
+    with calls("inspect image", missing_ok=True):
         return client().api.inspect_image(image)["Id"]
     return None
 
@@ -209,26 +209,26 @@ def image_exists(image: str) -> bool:
 
 def create_volume(name: str, volume_labels: Mapping[str, str]) -> None:
     """Create a volume; an existing one is fine (the step may be repeated)."""
-    with _calls("create volume"):
+    with calls("create volume"):
         client().api.create_volume(name=name, labels=dict(volume_labels))
 
 
 def remove_volume(name: str) -> None:
     """Remove a volume; a missing one is fine."""
-    with _calls("remove volume", missing_ok=True):
+    with calls("remove volume", missing_ok=True):
         client().api.remove_volume(name, force=True)
 
 
 def volume_exists(name: str) -> bool:
     """Whether the volume exists."""
-    with _calls("inspect volume", missing_ok=True):
+    with calls("inspect volume", missing_ok=True):
         return bool(client().api.inspect_volume(name))
     return False
 
 
 def inspect_container(name: str) -> dict[str, Any] | None:
     """`docker inspect` of a container, or None if there is no such container."""
-    with _calls("inspect container", missing_ok=True):
+    with calls("inspect container", missing_ok=True):
         return client().api.inspect_container(name)
     return None
 
@@ -237,7 +237,7 @@ def _create(
     name: str, image: str, command: list[str], host_config: dict[str, Any], **kwargs: Any
 ) -> None:
     # "already in use": created by an earlier attempt of this step, which is fine.
-    with _calls("create container", ok_if=("already in use",)):
+    with calls("create container", ok_if=("already in use",)):
         client().api.create_container(
             image, command, name=name, host_config=host_config, detach=True, **kwargs
         )
@@ -311,7 +311,7 @@ def create_job_container(
 
 def start_container(name: str) -> None:
     """Start a created container; one already running is fine."""
-    with _calls("start container"):
+    with calls("start container"):
         client().api.start(name)
 
 
@@ -320,7 +320,7 @@ def wait_container(name: str, timeout: float | None) -> int | None:
     import docker
 
     try:
-        with _calls("wait container"):
+        with calls("wait container"):
             return int(client().api.wait(name, timeout=timeout)["StatusCode"])
     except DockerTimeout:
         return None
@@ -330,13 +330,13 @@ def wait_container(name: str, timeout: float | None) -> int | None:
 
 def kill_container(name: str) -> None:
     """Kill a container; a missing or stopped one is fine."""
-    with _calls("kill container", missing_ok=True, ok_if=("is not running",)):
+    with calls("kill container", missing_ok=True, ok_if=("is not running",)):
         client().api.kill(name)
 
 
 def remove_container(name: str) -> None:
     """Remove a container (killing it if needed); a missing one is fine."""
-    with _calls("remove container", missing_ok=True, ok_if=("is already in progress",)):
+    with calls("remove container", missing_ok=True, ok_if=("is already in progress",)):
         client().api.remove_container(name, force=True)
 
 
@@ -354,7 +354,7 @@ def list_containers(
     backend: str | None = None, *, job_id: str | None = None, extra: Mapping[str, str] | None = None
 ) -> list[dict[str, Any]]:
     """Containers (running or not) carrying the job-runner label, optionally narrowed."""
-    with _calls("list containers"):
+    with calls("list containers"):
         return client().api.containers(all=True, filters=_label_filter(backend, job_id, extra))
 
 
@@ -362,7 +362,7 @@ def list_volumes(
     backend: str | None = None, *, job_id: str | None = None, extra: Mapping[str, str] | None = None
 ) -> list[dict[str, Any]]:
     """Volumes carrying the job-runner label, optionally narrowed."""
-    with _calls("list volumes"):
+    with calls("list volumes"):
         return (
             client().api.volumes(filters=_label_filter(backend, job_id, extra)).get("Volumes") or []
         )
@@ -381,10 +381,10 @@ def put_archive(
     data = tarstream.counted(chunks, progress)
 
     def call() -> None:
-        with _calls(what):
+        with calls(what):
             client().api.put_archive(container, path, data)
 
-    _guarded(call, container, progress, stall_timeout, what)
+    guarded(call, container, progress, stall_timeout, what)
 
 
 def copy_file_out(
@@ -394,7 +394,7 @@ def copy_file_out(
     what = f"copy of {path} out of {container}"
 
     def call() -> int:
-        with _calls(what):
+        with calls(what):
             stream, _stat = client().api.get_archive(container, path, chunk_size=tarstream.CHUNK)
             try:
                 reader = tarstream.IterReader(stream, progress)
@@ -406,10 +406,10 @@ def copy_file_out(
             finally:
                 getattr(stream, "close", lambda: None)()
 
-    return _guarded(call, container, progress, stall_timeout, what)
+    return guarded(call, container, progress, stall_timeout, what)
 
 
-def _guarded(
+def guarded(
     call: Any, container: str, progress: tarstream.Progress, stall_timeout: float, what: str
 ) -> Any:
     try:
@@ -428,7 +428,7 @@ def list_volume_files(config: Config, job_id: str) -> list[tarstream.VolumeFile]
         # A helper's log accumulates over its runs, so one that has run before is replaced.
         remove_container(helper)
         create_helper(config, job_id)
-    with _calls("list volume"):
+    with calls("list volume"):
         api = client().api
         api.start(helper)
         status = api.wait(helper)["StatusCode"]
@@ -448,7 +448,7 @@ def container_logs(
     since: Any = None,
 ) -> Iterator[bytes]:
     """Stream a container's stdout+stderr (interleaved, optionally timestamped) in chunks."""
-    with _calls("container logs"):
+    with calls("container logs"):
         yield from client().api.logs(
             name, stream=True, follow=follow, timestamps=timestamps, tail=tail, since=since
         )
@@ -458,7 +458,7 @@ def container_stats(name: str) -> dict[str, Any] | None:
     """One immediate stats sample of a running container, or None if it is gone or stopped."""
     import docker
 
-    with _calls("container stats"):
+    with calls("container stats"):
         try:
             return client().api.stats(name, stream=False, one_shot=True)
         except docker.errors.NotFound:

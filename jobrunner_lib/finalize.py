@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import copyout, docker, outputs, tarstream
 from .docker import JobError
-from .models import Job, Msg, State, StatusCode, now
+from .models import Job, Msg, State, StatusCode, iso, now
 
 if TYPE_CHECKING:
     from .executor import FinalResult, LocalDockerExecutor
@@ -47,11 +47,6 @@ TRAILER_KEYS = (
     "exit_code",
 )
 OOM_EXIT_CODE = 137
-
-
-def iso(ts: float | None) -> str | None:
-    """Unix seconds as `2021-11-03T09:12:51Z` (None stays None)."""
-    return None if ts is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def redact_environment(info: dict[str, Any]) -> dict[str, Any]:

@@ -9,13 +9,14 @@ import math
 import re
 import time
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from jobrunner_lib import __version__
 from jobrunner_lib.errors import ConfigError, JrError, TemporaryFailure
+
+from .models import iso
 
 if TYPE_CHECKING:
     import requests
@@ -145,7 +146,7 @@ def _wire_time(value: Any, name: str) -> str | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be unix seconds, got {type(value).__name__}")
     # Whole seconds with a literal Z: the format the website has always received (SPEC §4.4).
-    return datetime.fromtimestamp(int(value), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso(value)
 
 
 def job_to_wire(job: Mapping[str, Any]) -> dict:

@@ -106,6 +106,11 @@ ALLOWED: frozenset[tuple[State | None, State]] = frozenset(
 )
 
 
+def iso(ts: float | None) -> str | None:
+    """Unix seconds as `2021-11-03T09:12:51Z`, whole seconds, UTC (None stays None)."""
+    return None if ts is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(ts)))
+
+
 def now() -> int:
     """Current time as whole Unix seconds (how every job timestamp is stored)."""
     return int(time.time())

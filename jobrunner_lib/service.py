@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import docker
+from . import db, docker
 from .config import Config
 from .errors import TemporaryFailure, UsageError
 from .models import Job
@@ -104,10 +104,7 @@ def remove_job_objects(job_id: str) -> list[str]:
 
 def hung_containers(conn: sqlite3.Connection) -> dict[str, str]:
     """Containers the copy guard flagged as hung (`hung:<name>` flags): name -> flag value."""
-    rows = conn.execute(
-        "SELECT name, value FROM flag WHERE substr(name, 1, ?) = ?", (len(HUNG_PREFIX), HUNG_PREFIX)
-    )
-    return {row[0][len(HUNG_PREFIX) :]: row[1] or "" for row in rows}
+    return {name[len(HUNG_PREFIX) :]: value for name, value in db.flags(conn, HUNG_PREFIX).items()}
 
 
 def hung_objects_of(job_id: str, hung: dict[str, str]) -> list[str]:

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from .. import __version__, db, ids, logs
+from .. import __version__, db, ids, logs, models
 from ..config import Config, load_config
 from ..errors import (
     EXIT_INTERNAL,
@@ -89,9 +89,7 @@ def human_age(seconds: float | None) -> str:
 
 def iso(ts: int | float | None) -> str:
     """Unix seconds as `2021-11-03T09:12:51Z` (empty for None)."""
-    if ts is None:
-        return ""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    return models.iso(ts) or ""
 
 
 def parse_since(text: str, now: float | None = None) -> int:

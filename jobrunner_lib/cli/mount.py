@@ -183,7 +183,7 @@ The helper is removed when the shell or command ends; jr-mount exits with its ex
             network_mode="none",
             pid_mode=f"container:{pid_of}" if pid_of else None,
         )
-        with docker._calls("create mount container"):
+        with docker.calls("create mount container"):
             api.create_container(
                 config.tools_image,
                 self.command or ["sh"],
@@ -216,7 +216,7 @@ The helper is removed when the shell or command ends; jr-mount exits with its ex
     def run_command(self, ctx: Context, name: str) -> int:
         """Start the helper, pass its stdout and stderr on as they come, return its exit code."""
         api = docker.client().api
-        with docker._calls("start mount container"):
+        with docker.calls("start mount container"):
             api.start(name)
         errors: list[BaseException] = []
         stderr_copy = threading.Thread(
@@ -230,14 +230,14 @@ The helper is removed when the shell or command ends; jr-mount exits with its ex
         stderr_copy.join(30)
         if errors:
             raise errors[0]
-        with docker._calls("wait for mount container"):
+        with docker.calls("wait for mount container"):
             return int(api.wait(name)["StatusCode"])
 
     @staticmethod
     def _copy(api: Any, name: str, which: str, stream: TextIO, errors: list[BaseException]) -> None:
         out = binary(stream)
         try:
-            with docker._calls(f"{which} of {name}"):
+            with docker.calls(f"{which} of {name}"):
                 # Logs, not attach: the SDK lifts its read timeout for log streams only, and a
                 # quiet `strace` may say nothing for minutes.
                 for chunk in api.logs(

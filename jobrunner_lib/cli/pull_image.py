@@ -136,7 +136,7 @@ Prints `pulled <name> <id> (was <old id>|new|unchanged)` per image."""
         old_id = docker.image_id(target)
         ctx.say(f"pulling {source}")
         try:
-            with docker._calls(f"pull {source}"):
+            with docker.calls(f"pull {source}"):
                 for line in progress_lines(
                     api.pull(source_repo, tag=ref.tag, stream=True, decode=True), source
                 ):
@@ -150,11 +150,11 @@ Prints `pulled <name> <id> (was <old id>|new|unchanged)` per image."""
         new_id = docker.image_id(source)
         if new_id is None:
             raise OperationFailed(f"pulled {source} but Docker does not show it")
-        with docker._calls(f"tag {target}"):
+        with docker.calls(f"tag {target}"):
             api.tag(new_id, repository=target_repo, tag=ref.tag, force=True)
         if source != target:
             # Jobs use only the target name; the pull name would keep the image alive in prune's eyes.
-            with docker._calls(f"untag {source}", missing_ok=True):
+            with docker.calls(f"untag {source}", missing_ok=True):
                 api.remove_image(source, noprune=True)
         if old_id is None:
             was = "new"
@@ -169,7 +169,7 @@ Prints `pulled <name> <id> (was <old id>|new|unchanged)` per image."""
     def remove_superseded(self, ctx: Context, old_id: str, target: str) -> None:
         """Remove the image `target` used to name, unless it is still tagged or in use."""
         api = docker.client().api
-        with docker._calls("inspect superseded image", missing_ok=True):
+        with docker.calls("inspect superseded image", missing_ok=True):
             tags = api.inspect_image(old_id).get("RepoTags") or []
             if tags:
                 ctx.say(f"kept superseded image {short_id(old_id)}: still tagged {', '.join(tags)}")
