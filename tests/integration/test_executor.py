@@ -20,9 +20,9 @@ import pytest
 from jobrunner_lib import db, docker, tarstream
 from jobrunner_lib.config import CHECKOUT_DIR, Config, load_config
 from jobrunner_lib.executor import ExecutorState, LocalDockerExecutor
-from jobrunner_lib.ids import job_id, new_request_id
-from jobrunner_lib.models import Job, JobRequest, Msg, State, StatusCode, new_job, transition
+from jobrunner_lib.models import Job, Msg, State, StatusCode, now, transition
 from jobrunner_lib.worker import drive_job
+from tests.support.factories import make_job, make_request
 
 pytestmark = pytest.mark.docker
 
@@ -154,25 +154,18 @@ class Jobs:
         workspace: str = "ws",
         **fields,
     ) -> Job:
-        request = JobRequest(
-            id=new_request_id(),
+        request = make_request(
+            workspace,
+            [action],
             repo_url=str(self.repo),
             commit=self.commit,
-            branch="main",
-            requested_actions=[action],
-            cancelled_actions=[],
-            workspace=workspace,
-            database_name="dummy",
             created_by="alice",
             original={"identifier": "x", "created_by": "alice", "sha": self.commit},
         )
-        job = new_job(
-            job_id(request.id, action),
+        job = make_job(
             request,
             action,
-            State.PENDING,
-            StatusCode.CREATED,
-            "Created",
+            at=now(),
             run_command=command,
             output_spec=outputs,
             requires_outputs_from=needs or [],

@@ -15,8 +15,8 @@ import pytest
 
 from jobrunner_lib import db, docker
 from jobrunner_lib.config import Config, load_config
-from jobrunner_lib.ids import job_id, new_request_id
-from jobrunner_lib.models import Job, JobRequest, Msg, State, StatusCode, new_job, transition
+from jobrunner_lib.models import Job, Msg, State, StatusCode, now, transition
+from tests.support.factories import make_job, make_request
 from tests.support.studies import make_study
 
 SOAK = os.environ.get("JR_SOAK") == "1"
@@ -91,28 +91,16 @@ class Jobs:
         """A claimed job running `command` (a string, or image and arguments to quote)."""
         if not isinstance(command, str):
             command = shlex.join(command)
-        request = JobRequest(
-            id=new_request_id(),
+        request = make_request(
+            workspace,
+            [action],
             repo_url=str(self.repo),
             commit=self.commit,
-            branch="main",
-            requested_actions=[action],
-            cancelled_actions=[],
-            workspace=workspace,
-            database_name="dummy",
             created_by="tester",
             original={"identifier": "x", "created_by": "tester", "sha": self.commit},
         )
-        job = new_job(
-            job_id(request.id, action),
-            request,
-            action,
-            State.PENDING,
-            StatusCode.CREATED,
-            "Created",
-            run_command=command,
-            output_spec=outputs,
-            **fields,
+        job = make_job(
+            request, action, at=now(), run_command=command, output_spec=outputs, **fields
         )
         job = transition(job, State.RUNNING, StatusCode.PREPARING, Msg.PREPARING, attempts=1)
         db.insert_request(self.conn, request, [job])
