@@ -14,6 +14,7 @@ import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -437,6 +438,50 @@ def list_volume_files(config: Config, job_id: str) -> list[tarstream.VolumeFile]
             err = api.logs(helper, stdout=False, stderr=True).decode(errors="replace")
             raise RuntimeError(f"listing files in {helper} failed ({status}): {err.strip()}")
     return tarstream.parse_listing(out)
+
+
+# Go's os.FileMode type bits, as Docker reports them in a path stat: dir, symlink, named pipe,
+# socket, device, char device, irregular. A regular file has none of them.
+_GO_MODE_DIR = 1 << 31
+_GO_MODE_TYPE = _GO_MODE_DIR | 1 << 27 | 1 << 25 | 1 << 24 | 1 << 26 | 1 << 21 | 1 << 19
+
+
+@dataclass(frozen=True)
+class PathStat:
+    """What Docker says of one path in a container (the last component is not followed)."""
+
+    size: int
+    mode: int
+
+    @property
+    def is_dir(self) -> bool:
+        return bool(self.mode & _GO_MODE_DIR)
+
+    @property
+    def is_file(self) -> bool:
+        return not self.mode & _GO_MODE_TYPE
+
+
+def stat_path(container: str, path: str) -> PathStat | None:
+    """Stat one path in a (created or stopped) container with a HEAD request; None if absent.
+
+    Docker resolves symlinks in the directories leading to it (inside the container), but not
+    the last component: a caller must stat each directory to be sure none is a symlink.
+    """
+    import base64
+    import json
+
+    with calls(f"stat {path}"):
+        api = client().api
+        res = api.head(api._url("/containers/{0}/archive", container), params={"path": path})
+        if res.status_code == 404:
+            return None
+        api._raise_for_status(res)
+        header = res.headers.get("x-docker-container-path-stat")
+        if not header:
+            raise RuntimeError(f"Docker gave no stat for {path} in {container}")
+        stat = json.loads(base64.b64decode(header))
+        return PathStat(int(stat.get("size") or 0), int(stat.get("mode") or 0))
 
 
 def container_logs(

@@ -55,6 +55,8 @@ SCRIPTS = {
         exec wget -q -T 3 -O /dev/null http://172.17.0.1:2375/
     """,
     "symlink.sh": "mkdir -p output && ln -s /etc/passwd output/passwd.csv",
+    "linkdir.sh": "ln -s /etc output",
+    "glob.sh": "mkdir -p output && echo a > output/a.csv && echo b > output/b.csv",
     "sleep.sh": "sleep 30",
 }
 
@@ -496,6 +498,52 @@ def test_symlink_output_to_host_file_does_not_leak(config, jobs):
     for tree in workspaces(config):
         assert not (tree / "output/passwd.csv").exists()
     assert "root:" not in (log_dir(config, done) / "logs.txt").read_text()
+
+
+def counting_listings(monkeypatch) -> list[str]:
+    """Record each run of the volume-listing helper (it still runs)."""
+    listed: list[str] = []
+    real = docker.list_volume_files
+
+    def listing(config, job_id):
+        listed.append(job_id)
+        return real(config, job_id)
+
+    monkeypatch.setattr(docker, "list_volume_files", listing)
+    return listed
+
+
+def test_literal_outputs_are_found_without_running_the_listing_helper(config, jobs, monkeypatch):
+    listed = counting_listings(monkeypatch)
+    literal = drive_job(config, jobs.add("write", "python:v1 analysis/write.sh", THREE_LEVELS).id)
+    assert literal.state is State.SUCCEEDED and len(literal.outputs) == 3
+    assert listed == []
+    high, medium = workspaces(config)
+    assert (high / "output/high.csv").read_text() == "secret,rows\n"
+    assert (medium / "output/moderate.csv").read_text() == "table\n"
+
+    globbed = jobs.add(
+        "glob", "python:v1 analysis/glob.sh", {"moderately_sensitive": {"t": "output/*.csv"}}
+    )
+    done = drive_job(config, globbed.id)
+    assert done.state is State.SUCCEEDED and sorted(done.outputs) == [
+        "output/a.csv",
+        "output/b.csv",
+    ]
+    assert listed == [globbed.id]
+
+
+def test_output_directory_symlinked_out_of_the_volume_is_not_followed(config, jobs, monkeypatch):
+    # /workspace/output -> /etc: Docker would resolve output/passwd in the helper's own image.
+    listed = counting_listings(monkeypatch)
+    job = jobs.add(
+        "linkdir", "python:v1 analysis/linkdir.sh", {"moderately_sensitive": {"p": "output/passwd"}}
+    )
+    done = drive_job(config, job.id)
+    assert (done.state, done.status_code) == (State.FAILED, StatusCode.UNMATCHED_PATTERNS)
+    assert listed == [job.id]  # the stats saw the symlink and left it to the listing
+    high, medium = workspaces(config)
+    assert not (high / "output").exists() and not (medium / "output").exists()
 
 
 def test_stalled_copy_fails_job_marks_container_hung_and_touches_nothing(config, jobs, monkeypatch):
