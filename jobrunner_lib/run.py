@@ -557,33 +557,49 @@ class _Pass:
         )
 
 
-AFTER_JOB_LOCK_WAIT = 5.0
-
-
-def after_job(config: Config) -> None:
-    """A job just ended: start what it unblocked now rather than a poll interval later.
-
-    Runs one pass if no one else is (the run lock is free), and always touches the wake file so
-    the service loop syncs the new state and passes again without sleeping.
-    """
+def run_lock(config: Config, timeout: float) -> Any:
+    """The run lock (one pass at a time), acquired within timeout; None if it stayed busy."""
     from filelock import FileLock, Timeout
 
-    try:
-        config.wake_path.touch()
-    except OSError:
-        pass
-    # A service pass holding the lock ends within moments: wait for it rather than leave the
-    # dependants for the next poll.
-    lock = FileLock(str(config.run_lock_path), timeout=AFTER_JOB_LOCK_WAIT)
+    lock = FileLock(str(config.run_lock_path), timeout=timeout)
     try:
         lock.acquire()
     except Timeout:
-        return
+        return None
+    return lock
+
+
+def after_job(config: Config, lock: Any, *, take_next: bool = False) -> str | None:
+    """A job just ended: run a pass now (lock: the run lock, held by the caller, or None if busy).
+
+    Without the lock no pass runs (someone else's is running). Either way the wake file is
+    touched afterwards, so the service loop syncs the new state and passes again without
+    sleeping. With take_next the first job the pass starts is recorded as driven by this process
+    (the finishing worker, warm and connected) instead of a new one; its id is returned.
+    """
+    taken: list[str] = []
     try:
+        if lock is None:
+            return None
         conn = db.connect(config.db_path)
+
+        def spawn(config: Config, job_id: str) -> tuple[int, float]:
+            if take_next and not taken:
+                taken.append(job_id)
+                # This process may be old: a fresh heartbeat keeps the job from looking stalled
+                # until its own heartbeat thread starts.
+                db.touch(conn, job_id, heartbeat=time.time())
+                started = _process_info(os.getpid())[1]
+                return os.getpid(), started if started is not None else time.time()
+            return spawn_worker(config, job_id)
+
         try:
-            run_pass(config, conn)
+            run_pass(config, conn, spawn=spawn)
         finally:
             conn.close()
+        return taken[0] if taken else None
     finally:
-        lock.release()
+        try:
+            config.wake_path.touch()
+        except OSError:
+            pass

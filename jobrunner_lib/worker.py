@@ -1,10 +1,11 @@
-"""A job's worker: `python -m jobrunner_lib.worker JOB_ID` drives one claimed job to its end.
+"""A job's worker: `python -m jobrunner_lib.worker JOB_ID` drives a claimed job to its end.
 
 Started detached by the run pass after the claim. It re-derives where the job is from the
 executor (no container: prepare; running: wait; exited: finalize), so it can be killed at any
 moment and simply started again. Exactly one worker per job: a second one finds the job's lock
 held and exits quietly. While it works it writes a heartbeat every few seconds, so the pass can
-tell a stalled worker from a busy one.
+tell a stalled worker from a busy one. When its job ends it runs a pass, and drives the first
+job that pass starts itself (up to MAX_JOBS_PER_WORKER jobs), saving a new interpreter per job.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from . import cleanup as cleanup_debt
@@ -53,8 +55,16 @@ RESTART_WINDOW = 60.0
 # How long a worker whose job has ended waits for Docker to come back to remove its objects.
 CLEANUP_PATIENCE = 300.0
 CLEANUP_RETRY_INTERVAL = 2.0
+# A worker whose job ends drives the next startable job itself (no new interpreter, imports or
+# Docker connection); after this many jobs it hands over to a fresh process.
+MAX_JOBS_PER_WORKER = 50
+# How long a finishing worker waits for a running pass to end before saving without the lock.
+AFTER_JOB_LOCK_WAIT = 5.0
 # Free space below which a disk counts as the full one when an error does not say which it was.
 NEARLY_FULL = 1 << 20
+
+
+AroundFinal = Callable[[Callable[[], Job]], Job]
 
 
 class DaemonRestarted(JobError):
@@ -169,8 +179,16 @@ class Heartbeat:
 class Driver:
     """Moves one running job through its steps; every write is compare-and-set on the job row."""
 
-    def __init__(self, config: Config, conn: sqlite3.Connection, executor: Executor, job: Job):
+    def __init__(
+        self,
+        config: Config,
+        conn: sqlite3.Connection,
+        executor: Executor,
+        job: Job,
+        around_final: AroundFinal | None = None,
+    ):
         self.config, self.conn, self.executor, self.job = config, conn, executor, job
+        self.around_final = around_final
 
     def run(self) -> Job:
         """Drive the job to a final state (or until it is no longer ours); return it."""
@@ -216,8 +234,7 @@ class Driver:
                     self.check_daemon_restart()
                     _fault("finalize")
                     result = self.executor.finalize(self.job)
-                    final = self.save(lambda j, r=result: apply_result(j, r))
-                    log.info(final.status_message, extra={"job": final})
+                    final = self.save_final(lambda j, r=result: apply_result(j, r))
                     self.cleanup(final)
                     return final
                 else:
@@ -358,6 +375,16 @@ class Driver:
                 self.refresh()
         raise RuntimeError(f"could not save job {self.job.id}: it keeps changing")
 
+    def save_final(self, change: Callable[[Job], Job]) -> Job:
+        """Save and log the job's final state, through around_final when there is one."""
+
+        def save() -> Job:
+            final = self.save(change)
+            log.info(final.status_message, extra={"job": final})
+            return final
+
+        return save() if self.around_final is None else self.around_final(save)
+
     def set_step(self, code: StatusCode, message: str) -> None:
         """Record the step in progress (logged when it changes)."""
         if self.job.status_code is code and self.job.status_message == message:
@@ -391,10 +418,9 @@ class Driver:
         self, code: StatusCode, message: str, *, clean: bool = True, error_detail: str | None = None
     ) -> Job:
         """Fail the job without finalizing (cancelled before start, JobError, internal error)."""
-        final = self.save(
+        final = self.save_final(
             lambda j: transition(j, State.FAILED, code, message, error_detail=error_detail)
         )
-        log.info(message, extra={"job": final})
         if clean:
             self.cleanup(final)
         return final
@@ -430,8 +456,44 @@ class Driver:
                 return
 
 
-def drive_job(config: Config, job_id: str, executor: Executor | None = None) -> Job | None:
-    """Drive one claimed job to its end in this process (what `python -m` runs); return the job."""
+def next_job(
+    config: Config, save: Callable[[], Job], *, take: bool, taken: list[str | None]
+) -> Job:
+    """Save a job's final state and run the pass it calls for, both under the run lock.
+
+    The pass starts what the job unblocked now rather than a poll interval later; with take, the
+    first job it starts is left for this warm process to drive (its id goes in taken). Holding
+    the lock across the save keeps a service pass from starting that job in a new process first.
+    If a pass holds the lock for long, the state is saved anyway and that pass carries on.
+    """
+    from .run import after_job, run_lock  # lazily: only when a job ends here
+
+    lock = run_lock(config, AFTER_JOB_LOCK_WAIT)
+    if lock is None:
+        final = save()
+        after_job(config, None)
+        return final
+    try:
+        final = save()
+        try:
+            taken.append(after_job(config, lock, take_next=take))
+        except Exception:  # the job is final and saved: its cleanup must still happen
+            log.exception("The pass after the job failed", extra={"job": final})
+        return final
+    finally:
+        lock.release()
+
+
+def drive_job(
+    config: Config,
+    job_id: str,
+    executor: Executor | None = None,
+    around_final: AroundFinal | None = None,
+) -> Job | None:
+    """Drive one claimed job to its end in this process (what `python -m` runs); return the job.
+
+    around_final(save) is given the saving of the job's final state to do (see Driver).
+    """
     import filelock
 
     conn = db.connect(config.db_path)
@@ -456,7 +518,7 @@ def drive_job(config: Config, job_id: str, executor: Executor | None = None) -> 
             progress = getattr(executor, "progress", None) or tarstream.Progress()
             heartbeat = Heartbeat(config, job_id, progress).start()
             try:
-                return Driver(config, conn, executor, job).run()
+                return Driver(config, conn, executor, job, around_final).run()
             finally:
                 heartbeat.stop()
         finally:
@@ -483,24 +545,32 @@ def main(argv: list[str] | None = None) -> int:
         *config.database_urls.values(),
     ):
         logs.register_secret(secret)
+    job_id = args[0]
     try:
-        job = drive_job(config, args[0])
-        if job is not None and job.state.is_final:
-            from .run import after_job  # lazily: only when a job ended here
-
-            after_job(config)
+        for driven in range(1, MAX_JOBS_PER_WORKER + 1):
+            taken: list[str | None] = []
+            job = drive_job(
+                config,
+                job_id,
+                around_final=partial(
+                    next_job, config, take=driven < MAX_JOBS_PER_WORKER, taken=taken
+                ),
+            )
+            if job is None or not job.state.is_final or not taken or taken[0] is None:
+                break
+            job_id = taken[0]
     except DockerUnavailable as exc:
-        log.error(f"{exc}; job {args[0]} left as it is for the next worker")
+        log.error(f"{exc}; job {job_id} left as it is for the next worker")
         return EXIT_TEMPFAIL
     except sqlite3.Error as exc:
         if not store_unusable(exc):
-            log.exception(f"Worker for job {args[0]} crashed")
+            log.exception(f"Worker for job {job_id} crashed")
             return EXIT_INTERNAL
         # A full disk under the state store: nothing can be recorded; the next worker carries on.
-        log.error(f"The state store is unusable ({exc}); job {args[0]} left for the next worker")
+        log.error(f"The state store is unusable ({exc}); job {job_id} left for the next worker")
         return EXIT_TEMPFAIL
     except Exception:
-        log.exception(f"Worker for job {args[0]} crashed")
+        log.exception(f"Worker for job {job_id} crashed")
         return EXIT_INTERNAL
     return EXIT_OK
 

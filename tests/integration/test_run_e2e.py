@@ -161,6 +161,8 @@ def test_a_chain_of_five_dependent_actions_runs_in_order_each_reading_the_last_o
         assert jobs[f"step{i}"]["started_at"] >= jobs[f"step{i - 1}"]["completed_at"]
     final = (rig.high / "workspaces/test/output/step5.txt").read_text()
     assert final == "".join(f"line {i}\n" for i in range(1, 6))
+    # Each finishing worker drove the step it unblocked itself: one process for the chain.
+    assert len({j["worker_pid"] for j in jobs.values()}) == 1, jobs
     no_objects_left(rig)
 
 
@@ -453,9 +455,9 @@ def test_run_passes_keep_completing_while_a_worker_copies_a_2gb_input(rig, tmp_p
         assert first.returncode == 0, first.stderr
         assert first.stdout.split() == [big] or big in first.stdout.split()
         wait_for(lambda: rig.jobs([big])[big]["state"] == "succeeded", 180, "the 1 GB file")
-        # big's worker starts the reader itself (run.after_job); wait for it to leave, so no
-        # other pass can hold the run lock while ours run.
-        wait_for(lambda: big not in rig.worker_pids().values(), 60, "big's worker to exit")
+        # big's worker goes on to drive the reader itself (worker.next_job); wait until it has,
+        # so no other pass can hold the run lock while ours run.
+        wait_for(lambda: big not in rig.worker_pids().values(), 60, "big's worker to finish it")
         wait_for(lambda: rig.jobs([reader])[reader]["state"] == "running", 30, "reader claimed")
 
         durations: list[float] = []
