@@ -265,8 +265,19 @@ def _check_sha(commit: str) -> None:
 def _has_tag(repo_dir: Path, commit: str) -> bool:
     if not (repo_dir / "HEAD").exists():
         return False
+    if _has_loose_tag(repo_dir, commit):
+        return True
     result = _repo_git(repo_dir, "rev-parse", "-q", "--verify", FETCHED_TAG_PREFIX + commit)
     return result.returncode == 0
+
+
+def _has_loose_tag(repo_dir: Path, commit: str) -> bool:
+    """The marker as a loose ref file: the cheap look (no git process) that suffices most times.
+
+    Only written (by update-ref) once the commit is fetched; a gc may pack it, so its absence
+    proves nothing and the caller asks git.
+    """
+    return (repo_dir / FETCHED_TAG_PREFIX / commit).is_file()
 
 
 def _lock(repos_dir: Path, name: str):  # -> filelock.FileLock
@@ -448,7 +459,9 @@ def read_file(repo_dir: Path, commit: str, path: str) -> bytes | None:
 
 def archive(repo_dir: Path, commit: str) -> IO[bytes]:
     """A stream of `git archive --format=tar` of `commit`; the caller must close it."""
-    _check_commit_present(repo_dir, commit)
+    _check_sha(commit)
+    if not _has_loose_tag(repo_dir, commit):  # with the marker the commit is known to be there
+        _check_commit_present(repo_dir, commit)
     return _git_stream(f"--git-dir={repo_dir}", "archive", "--format=tar", commit)
 
 

@@ -426,3 +426,30 @@ def test_inherited_git_dir_does_not_redirect_commands(study, tmp_path, monkeypat
     repo = git.ensure_commit(str(study), commit, repos_dir=tmp_path)
     assert git.read_file(repo, commit, "other/50.txt") == b"o\n"
     assert "fetched/" not in run("tag", cwd=study)
+
+
+def test_a_fetched_commit_is_archived_with_one_git_process_packed_marker_or_not(
+    study, tmp_path, monkeypatch
+):
+    commit = sha(study, "main~2")
+    repo = git.ensure_commit(str(study), commit, repos_dir=tmp_path / "repos")
+    expected = tarfile.open(fileobj=git.archive(repo, commit), mode="r|").getnames()
+    calls: list[tuple[str, ...]] = []
+    real = git._repo_git
+
+    def counting(repo_dir, *args, **kwargs):
+        calls.append(args)
+        return real(repo_dir, *args, **kwargs)
+
+    monkeypatch.setattr(git, "_repo_git", counting)
+    assert git.ensure_commit(str(study), commit, repos_dir=tmp_path / "repos") == repo
+    with git.archive(repo, commit) as stream:
+        assert tarfile.open(fileobj=stream, mode="r|").getnames() == expected
+    assert calls == []  # only `git archive` itself ran: the marker is a loose ref file
+
+    run("pack-refs", "--all", cwd=repo)  # a gc packs the marker: git is asked instead
+    assert not (repo / "refs/tags/fetched" / commit).exists()
+    assert git.ensure_commit(str(study), commit, repos_dir=tmp_path / "repos") == repo
+    with git.archive(repo, commit) as stream:
+        assert tarfile.open(fileobj=stream, mode="r|").getnames() == expected
+    assert [args[0] for args in calls] == ["rev-parse", "cat-file"]
