@@ -171,6 +171,36 @@ def calls(what: str, *, missing_ok: bool = False, ok_if: tuple[str, ...] = ()) -
         raise
 
 
+def ping_socket() -> bool:
+    """Ping a daemon on a local Unix socket without the SDK; False when that does not apply.
+
+    Importing the SDK (with requests and urllib3) costs a short-lived tool ~0.1 s, and a run
+    pass with nothing to start needs no more of Docker than this. Raises DockerUnavailable if
+    the daemon does not answer; returns False (ask ping()) for any other DOCKER_HOST.
+    """
+    import socket
+
+    host = os.environ.get("DOCKER_HOST") or (
+        "" if os.name == "nt" else "unix:///var/run/docker.sock"
+    )
+    if not host.startswith("unix://") or not hasattr(socket, "AF_UNIX"):
+        return False
+    path = host[len("unix://") :]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(30)
+            sock.connect(path)
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            status = sock.makefile("rb").readline(200)
+    except OSError as exc:
+        raise DockerUnavailable(f"Docker is not available: {exc.strerror or exc}") from None
+    parts = status.split()
+    if len(parts) < 2 or parts[1] != b"200":
+        answer = status.decode(errors="replace").strip() or "no answer"
+        raise DockerUnavailable(f"Docker is not available: {answer}")
+    return True
+
+
 def ping(*, fresh: bool = False) -> None:
     """Check the daemon answers; raise DockerUnavailable if not.
 

@@ -18,14 +18,18 @@ COLUMNS = ["id", "action", "workspace", "from", "to", "status_code", "message"]
 
 def check_docker(config: Config) -> None:
     """Raise TemporaryFailure (exit 75) unless the Docker engine answers."""
-    import requests  # lazily: only a real pass needs them
-    from docker.errors import DockerException
-
     from .. import docker as jr_docker
 
-    unreachable = (jr_docker.DockerUnavailable, DockerException, requests.RequestException, OSError)
+    unreachable: tuple[type[BaseException], ...] = (jr_docker.DockerUnavailable, OSError)
     try:
-        jr_docker.ping()
+        # A local socket is pinged without importing the SDK (a pass that starts nothing
+        # needs no more of Docker); any other DOCKER_HOST through the SDK.
+        if not jr_docker.ping_socket():
+            import requests
+            from docker.errors import DockerException
+
+            unreachable += (DockerException, requests.RequestException)  # read on raising
+            jr_docker.ping()
     except unreachable as exc:
         raise TemporaryFailure(
             f"Docker is not reachable ({docker_address()}: {root_cause(exc)}): "
