@@ -42,7 +42,7 @@ test: prereqs lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 soak: prereqs
-	JR_SOAK=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/reliability
+	JR_SOAK=1 JR_CRASH_KILLS=50 $(VENV)/bin/pytest -q -p no:cacheprovider tests/reliability
 
 bench: prereqs
 	$(PY) bench/run_all.py

@@ -103,6 +103,10 @@ class Config:
         """Held by whoever runs a pass of the run loop (one at a time)."""
         return self.workdir / ".run.lock"
 
+    def job_lock_path(self, job_id: str) -> Path:
+        """Held by the worker driving that job (one at a time)."""
+        return self.workdir / "locks" / f"job-{job_id}.lock"
+
     @property
     def wake_path(self) -> Path:
         """Touched when a job ends, so the service loop passes again at once instead of sleeping."""

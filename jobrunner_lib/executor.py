@@ -9,11 +9,12 @@ volume, execute tolerates a started container, finalize rewrites the same files.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sqlite3
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -145,6 +146,44 @@ def job_network(config: Config, job: Job) -> str:
         # the job gets Docker's default bridge, as the old backend did.
         return config.database_network or "bridge"
     return "none"
+
+
+def remove_stale_temps(files: Iterable[Path]) -> list[Path]:
+    """Remove the temporary files that writers no longer running left beside these files.
+
+    Each file is written as `.jr-tmp-<name>.<pid>[.<thread>]` (tarstream.temp_path) and renamed
+    into place. A worker killed part-way through a copy leaves its temporary file (up to the whole
+    size of the output) and the next attempt writes under its own pid, so without this they pile
+    up in the workspaces. A temporary file whose pid runs is left alone: it may be in use.
+    """
+    from .run import worker_alive  # lazily: run imports the worker side
+
+    stems: dict[Path, set[str]] = {}
+    for path in files:
+        # The temporary name without its ".<pid>.<thread>" (finalize's logs.txt has no thread).
+        stems.setdefault(path.parent, set()).add(tarstream.temp_path(path).name.rsplit(".", 2)[0])
+    removed = []
+    for directory, names in stems.items():
+        try:
+            entries = [e for e in os.scandir(directory) if e.name.startswith(".jr-tmp-")]
+        except OSError:
+            continue  # no such directory: nothing was written there
+        for entry in entries:
+            parts = entry.name.split(".")
+            for ids in (parts[-2:], parts[-1:]):
+                stem = entry.name[: -len(".".join(ids)) - 1]
+                if stem in names and all(i.isdigit() for i in ids):
+                    break
+            else:
+                continue
+            if worker_alive(int(ids[0]), None) or not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed.append(Path(entry.path))
+    return removed
 
 
 def latest_succeeded_job(
@@ -319,10 +358,18 @@ class LocalDockerExecutor(Executor):
         docker.kill_container(docker.container_name(job.id))
 
     def finalize(self, job: Job) -> FinalResult:
-        """See finalize.finalize_job."""
-        from .finalize import finalize_job
+        """See finalize.finalize_job; then remove what an interrupted earlier finalize left."""
+        from .finalize import finalize_job, log_dir
 
-        return finalize_job(self, job)
+        result = finalize_job(self, job)
+        high, medium = self.high_workspace(job.workspace), self.medium_workspace(job.workspace)
+        logs = log_dir(self.config.high_privacy_storage_base, job.id, result.completed_at)
+        written = [logs / "logs.txt", logs / "metadata.json", medium / "metadata/manifest.json"]
+        for path in [*result.outputs, f"metadata/{job.action}.log"]:
+            written += [root.joinpath(*path.split("/")) for root in (high, medium)]
+        for stale in remove_stale_temps(written):
+            log.info(f"Removed {stale}, left by an interrupted copy", extra={"job": job})
+        return result
 
     def cleanup(self, job: Job) -> None:
         """Remove the job container, the helper and the volume."""

@@ -441,7 +441,11 @@ class _Pass:
     # -- running jobs --
 
     def supervise(self, job: Job) -> None:
-        """Restart a dead or stalled worker, or give up on the job after MAX_ATTEMPTS workers."""
+        """Restart a dead or stalled worker, or give up on the job after MAX_ATTEMPTS workers.
+
+        A job with no worker recorded (a pass cut short between its claim or spawn and saving
+        the pid) gets one without using up an attempt: no worker of it has failed.
+        """
         pid = job.worker_pid
         died = False
         if pid is not None and self.is_alive(pid, job.worker_started_at):
@@ -454,10 +458,16 @@ class _Pass:
                 return
             reason = f"worker pid {pid} stalled (no heartbeat for {silent:.0f}s)"
             self.kill(pid, job.worker_started_at)
+        elif worker_holds(self.config, job.id):
+            # A worker we have no (live) pid for is driving it: it records itself shortly.
+            log.debug("Job driven by an unrecorded worker; leaving it", extra={"job": job})
+            return
         elif pid is not None:
             reason, died = f"worker pid {pid} died", True
         else:
-            reason = "no worker recorded"  # a claim cut short, or jr-retry handing the job back
+            # A claim or spawn cut short, or jr-retry handing the job back (attempts 0).
+            reason = "no worker recorded"
+            return self.restart_worker(job, reason, counted=job.attempts < 1)
         outage = DockerOutage.parse(job.error_detail)
         if died and outage is not None and outage.pid == pid:
             if outage.count <= FREE_DOCKER_RESTARTS:
@@ -555,6 +565,24 @@ class _Pass:
                 message,
             )
         )
+
+
+def worker_holds(config: Config, job_id: str) -> bool:
+    """Whether some worker holds the job's lock (is driving it) right now."""
+    from filelock import FileLock, Timeout
+
+    path = config.job_lock_path(job_id)
+    if not path.exists():
+        return False
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    except OSError:  # e.g. the locks directory is being removed: nobody can hold it then
+        return False
+    lock.release()
+    return False
 
 
 def run_lock(config: Config, timeout: float) -> Any:

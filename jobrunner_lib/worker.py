@@ -36,7 +36,7 @@ from .errors import (
 from .executor import Executor, ExecutorState, LocalDockerExecutor, apply_result
 from .finalize import iso
 from .models import Job, Msg, State, StatusCode, transition
-from .run import DockerOutage, store_unusable
+from .run import DockerOutage, _process_info, store_unusable
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ CLEANUP_RETRY_INTERVAL = 2.0
 # A worker whose job ends drives the next startable job itself (no new interpreter, imports or
 # Docker connection); after this many jobs it hands over to a fresh process.
 MAX_JOBS_PER_WORKER = 50
+# How long a worker waits for its job's lock before concluding another worker drives the job.
+JOB_LOCK_WAIT = 2.0
 # How long a finishing worker waits for a running pass to end before saving without the lock.
 AFTER_JOB_LOCK_WAIT = 5.0
 # Free space below which a disk counts as the full one when an error does not say which it was.
@@ -203,6 +205,7 @@ class Driver:
 
     def _steps(self) -> Job:
         phase = "starting"
+        self.record_self()
         # Owed until cleanup() removes the objects: if we die first, a later pass removes them.
         cleanup_debt.owe(self.conn, self.job.id)
         try:
@@ -292,6 +295,17 @@ class Driver:
                 clean=False,
                 error_detail=logs.one_line(f"{type(exc).__name__}: {exc}"),
             )
+
+    def record_self(self) -> None:
+        """Record this process as the job's worker, if the pass that started it could not.
+
+        A pass killed between starting a worker and saving its pid leaves the job without one;
+        the next pass would otherwise start another worker (which finds the lock held and exits).
+        """
+        if self.job.worker_pid == os.getpid():
+            return
+        started = _process_info(os.getpid())[1] or time.time()
+        self.save(lambda j: j.copy(worker_pid=os.getpid(), worker_started_at=started))
 
     def note_docker_lost(self, exc: BaseException) -> None:
         """Record in the job that Docker went away under this worker (see run.DockerOutage)."""
@@ -497,9 +511,10 @@ def drive_job(
     import filelock
 
     conn = db.connect(config.db_path)
-    lock_path = config.workdir / "locks" / f"job-{job_id}.lock"
+    lock_path = config.job_lock_path(job_id)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(str(lock_path), timeout=0)
+    # A moment's patience: a pass may be looking whether the lock is held (run.worker_holds).
+    lock = filelock.FileLock(str(lock_path), timeout=JOB_LOCK_WAIT)
     try:
         try:
             lock.acquire()

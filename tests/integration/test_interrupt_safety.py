@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import subprocess
 import sys
 import time
@@ -32,8 +31,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.chaos import (
+    PHASES,
+    Figures,
+    Outputs,
+    check_jobs,
+    job_objects,
+    outputs,
+    reached,
+)
 from tests.support.cli import BIN
-from tests.support.e2e import Rig, StartEvents, rig_at, tree, wait_for
+from tests.support.e2e import Rig, StartEvents, rig_at, wait_for
 from tests.support.studies import make_study
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -90,126 +98,20 @@ SCRIPTS = {
 }
 EXPECTED = {action: ("succeeded", "succeeded") for action in ("a", "b", "c", "x", "y")}
 EXPECTED["bad"] = ("failed", "nonzero_exit")
-# Where in a job's life a kill may be aimed (status codes in order; "done" is any final state).
-PHASES = ("preparing", "executing", "finalizing", "done")
-
-
-def reached(rig: Rig, ids: list[str], action: str, phase: str) -> bool:
-    """Whether the action's job has got to (or past) this phase."""
-    job = next(j for j in rig.jobs(ids).values() if j["action"] == action)
-    if job["state"] in ("succeeded", "failed"):
-        return True
-    return job["status_code"] in PHASES[PHASES.index(phase) :]
-
-
-Outputs = dict[str, dict[str, bytes]]
-
-
-def outputs(rig: Rig, workspace: str) -> Outputs:
-    """The workspace's files in both trees, without metadata/ (logs name the job and the time)."""
-    return {
-        level: {
-            path: data
-            for path, data in tree(root / "workspaces" / workspace).items()
-            if not path.startswith("metadata/")
-        }
-        for level, root in (("high", rig.high), ("medium", rig.medium))
-    }
 
 
 @dataclass
-class Figures:
+class RoundFigures(Figures):
+    """Figures, and how many rounds ran and how long each took."""
+
     rounds: int = 0
-    kills: int = 0
-    workers_killed: int = 0
-    jobs: int = 0
-    lost: list[str] = field(default_factory=list)
-    duplicated: list[str] = field(default_factory=list)
-    leftovers: list[str] = field(default_factory=list)
     round_seconds: list[float] = field(default_factory=list)
-
-    def line(self) -> str:
-        return (
-            f"rounds {self.rounds}, kills {self.kills} (workers killed {self.workers_killed}), "
-            f"jobs {self.jobs}, lost {len(self.lost)}, duplicated {len(self.duplicated)}, "
-            f"leftovers {len(self.leftovers)}"
-        )
-
-
-STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}Z) ")
-ACTIVE = re.compile(r" status=(preparing|executing|finalizing)\b")
-FINAL = re.compile(r" status=(succeeded|nonzero_exit)\b")
-
-
-def active_after_final(rig: Rig, ids: list[str]) -> list[str]:
-    """Jobs logged as preparing/executing/finalizing after they were logged as finished.
-
-    Reads the workers' log and every service log (the passes log there), in time order.
-    """
-    lines = []
-    for path in [rig.workdir / "logs" / "workers.log", *sorted(rig.base.glob("service-*.log"))]:
-        for line in path.read_text(errors="replace").splitlines():
-            stamp = STAMP.match(line)
-            if stamp:
-                lines.append((stamp.group(1), line))
-    lines.sort(key=lambda item: item[0])
-    bad = []
-    for jid in ids:
-        finished = None
-        for stamp, line in lines:
-            if f" id={jid}" not in line:
-                continue
-            if FINAL.search(line) and finished is None:
-                finished = stamp
-            elif ACTIVE.search(line) and finished is not None and stamp > finished:
-                bad.append(f"{jid}: {line}")
-                break
-    return bad
 
 
 def kill_everything(rig: Rig, proc: subprocess.Popen[bytes]) -> list[str]:
     """SIGKILL the service or pass (with its process group), then every worker of ours."""
     rig.kill_group(proc)
     return rig.kill_workers()
-
-
-def check_round(
-    rig: Rig,
-    ids: list[str],
-    workspace: str,
-    clean: Outputs,
-    starts: dict[str, int],
-    figures: Figures,
-) -> None:
-    """Compare one finished round with the clean run; note what is lost, doubled or left over."""
-    jobs = rig.jobs(ids)
-    for jid, job in jobs.items():
-        where = f"{workspace}/{job['action']} ({jid})"
-        got = (job["state"], job["status_code"])
-        if got != EXPECTED[job["action"]] or not job["completed_at"]:
-            figures.lost.append(f"{where}: {got} {job['status_message']!r} {job['error_detail']!r}")
-        dirs = rig.log_dirs(jid)
-        if len(dirs) != 1 or not all((d / "logs.txt").is_file() for d in dirs):
-            figures.duplicated.append(f"{where}: {len(dirs)} log directories")
-        if starts.get(jid, 0) != 1:
-            figures.duplicated.append(f"{where}: container started {starts.get(jid, 0)} times")
-    for line in active_after_final(rig, ids):
-        figures.duplicated.append(f"{workspace}: active again after finishing: {line}")
-    got = outputs(rig, workspace)
-    for level in ("high", "medium"):
-        for path in sorted(set(clean[level]) | set(got[level])):
-            if clean[level].get(path) != got[level].get(path):
-                figures.lost.append(f"{workspace}: {level} {path} differs from the clean run")
-    for action in EXPECTED:
-        if not (rig.high / "workspaces" / workspace / "metadata" / f"{action}.log").is_file():
-            figures.lost.append(f"{workspace}: no metadata/{action}.log")
-    mine = set(ids)
-    for c in rig.containers():
-        if c["Labels"].get("org.jr.job-id") in mine:
-            figures.leftovers.append(f"{workspace}: container {c['Names'][0]} ({c['State']})")
-    for v in rig.volumes():
-        if (v.get("Labels") or {}).get("org.jr.job-id") in mine:
-            figures.leftovers.append(f"{workspace}: volume {v['Name']}")
 
 
 def reference_run(rig: Rig, repo: Path) -> tuple[Outputs, float]:
@@ -220,11 +122,12 @@ def reference_run(rig: Rig, repo: Path) -> tuple[Outputs, float]:
         rig.wait_workers_gone()
     clean = outputs(rig, "clean")
     figures = Figures()
-    check_round(rig, ids, "clean", clean, events.starts, figures)
+    check_jobs(rig, ids, "clean", EXPECTED, clean, events.starts, figures)
     assert figures == Figures(), f"the clean run itself is wrong: {figures}"
+    high, medium = rig.high / "workspaces" / "clean", rig.medium / "workspaces" / "clean"
     chain = b"step a\nstep b\nstep c\n"
-    assert clean["high"]["output/c.txt"] == clean["medium"]["output/c.txt"] == chain
-    assert clean["high"]["output/bad.csv"] == b"partial\n"  # a failed job's outputs are kept
+    assert (high / "output/c.txt").read_bytes() == (medium / "output/c.txt").read_bytes() == chain
+    assert (high / "output/bad.csv").read_bytes() == b"partial\n"  # a failed job's outputs kept
     assert "output/a.txt" not in clean["medium"] and "output/y.csv" not in clean["medium"]
     return clean, took
 
@@ -235,7 +138,7 @@ def chaos_lane(
     rounds: list[int],
     rng: random.Random,
     clean: Future[tuple[Outputs, float]],
-    figures: Figures,
+    figures: RoundFigures,
     notes: list[str],
 ) -> None:
     """Run these rounds one after another in this rig: submit, kill once or twice, finish, check."""
@@ -281,7 +184,7 @@ def chaos_lane(
             rig.wait_workers_gone()
             figures.rounds += 1
             figures.round_seconds.append(time.monotonic() - started)
-            check_round(rig, ids, workspace, clean.result()[0], events.starts, figures)
+            check_jobs(rig, ids, workspace, EXPECTED, clean.result()[0], events.starts, figures)
 
 
 ROUNDS = int(os.environ.get("JR_CHAOS_ROUNDS", "20"))
@@ -307,7 +210,7 @@ def test_random_sigkills_of_service_passes_and_workers_lose_and_duplicate_nothin
             rigs.append(stack.enter_context(rig_at(tmp_path / f"lane{lane}", **env)))
         reference_rig = rigs.pop()
 
-        per_lane = [Figures() for _ in range(lanes)]
+        per_lane = [RoundFigures() for _ in range(lanes)]
         notes: list[list[str]] = [[] for _ in range(lanes)]
         with ThreadPoolExecutor(lanes + 1) as pool:
             # The reference, run alongside: the same workload without interruption.
@@ -328,45 +231,24 @@ def test_random_sigkills_of_service_passes_and_workers_lose_and_duplicate_nothin
             for future in [clean, *futures]:
                 future.result()
 
-        figures = Figures()
+        figures = RoundFigures()
         for f in per_lane:
-            figures.rounds += f.rounds
-            figures.kills += f.kills
-            figures.workers_killed += f.workers_killed
-            figures.jobs += f.jobs
-            figures.lost += f.lost
-            figures.duplicated += f.duplicated
-            figures.leftovers += f.leftovers
-            figures.round_seconds += f.round_seconds
+            figures.add(f)
         integrity = [rig.query("PRAGMA integrity_check")[0][0] for rig in [*rigs, reference_rig]]
         clean_took = clean.result()[1]
         took = time.monotonic() - began
         times = sorted(figures.round_seconds)
         print(
-            f"clean run {clean_took:.1f}s; chaos {figures.line()}; rounds took "
+            f"clean run {clean_took:.1f}s; chaos rounds {figures.rounds}, {figures.line()}; rounds took "
             f"{times[0]:.1f}-{times[-1]:.1f}s (median {times[len(times) // 2]:.1f}s); "
             f"total {took:.0f}s"
         )
-        problems = figures.lost + figures.duplicated + figures.leftovers
-        detail = "\n".join(problems + ["kill log:", *(n for lane in notes for n in lane)])
+        detail = "\n".join(figures.problems() + ["kill log:", *(n for lane in notes for n in lane)])
         assert set(integrity) == {"ok"}, integrity
         assert not figures.lost, detail
         assert not figures.duplicated, detail
         assert not figures.leftovers, detail
         assert figures.rounds == rounds and figures.kills >= rounds
-
-
-def job_objects(rig: Rig, jid: str) -> list[str]:
-    """Names of this job's containers and volumes that still exist."""
-    names = [
-        c["Names"][0].lstrip("/")
-        for c in rig.containers()
-        if c["Labels"].get("org.jr.job-id") == jid
-    ]
-    names += [
-        v["Name"] for v in rig.volumes() if (v.get("Labels") or {}).get("org.jr.job-id") == jid
-    ]
-    return sorted(names)
 
 
 def test_a_worker_killed_during_its_cleanup_leaves_no_docker_objects_once_passes_run_again(
@@ -386,7 +268,7 @@ def test_a_worker_killed_during_its_cleanup_leaves_no_docker_objects_once_passes
                 interval=0.002,
             )
             hit = rig.kill_workers()
-            left = job_objects(rig, jid)
+            left = job_objects(rig, [jid])
             if jid in hit and left:
                 break
             rig.wait_workers_gone()
@@ -399,4 +281,39 @@ def test_a_worker_killed_during_its_cleanup_leaves_no_docker_objects_once_passes
             assert rig.tool("jr-run-once").returncode == 0
         rig.wait_workers_gone()
         assert rig.jobs([jid])[jid]["state"] == "succeeded"
-        assert job_objects(rig, jid) == [], "a finished job's Docker objects are never removed"
+        assert job_objects(rig, [jid]) == [], "a finished job's Docker objects are never removed"
+
+
+# A pass saves the pid of a worker it started only after starting it. This one dies in between,
+# as if SIGKILLed there (a service or a worker's pass can be).
+PASS_KILLED_AFTER_SPAWN = """\
+import os
+from jobrunner_lib import db, run
+from jobrunner_lib.config import load_config
+
+def spawn(config, job_id):
+    run.spawn_worker(config, job_id)
+    os._exit(9)
+
+config = load_config()
+run.run_pass(config, db.connect(config.db_path), spawn=spawn)
+"""
+
+
+def test_a_pass_killed_between_starting_a_worker_and_recording_it_loses_no_job(tmp_path):
+    project = "version: '5'\nactions:\n  slow:\n    run: python:v1 analysis/slow.sh\n"
+    project += "    outputs:\n      moderately_sensitive:\n        out: output/slow.csv\n"
+    script = "mkdir -p output\nsleep 8\necho done > output/slow.csv\n"
+    repo, _ = make_study(tmp_path / "study", project, {"analysis/slow.sh": script})
+    with rig_at(tmp_path) as rig:
+        (jid,) = rig.add(repo, "slow", workspace="orphan")
+        cut = subprocess.run(
+            [sys.executable, "-c", PASS_KILLED_AFTER_SPAWN], env=rig.env, timeout=60
+        )
+        assert cut.returncode == 9
+        assert rig.jobs([jid])[jid]["worker_pid"] is None  # started, not recorded
+        rig.until_idle(timeout=120)
+        rig.wait_workers_gone()
+        job = rig.jobs([jid])[jid]
+        assert (job["state"], job["status_code"]) == ("succeeded", "succeeded"), job
+        assert job_objects(rig, [jid]) == []

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -206,7 +207,7 @@ class Rig:
     # -- processes --
 
     def worker_pids(self) -> dict[int, str]:
-        """pid -> job id of every live job worker whose environment has this rig's WORKDIR."""
+        """pid -> job id (the one it drives now) of every live worker with this rig's WORKDIR."""
         mine = f"WORKDIR={self.workdir}".encode()
         found = {}
         for entry in Path("/proc").iterdir():
@@ -225,16 +226,31 @@ class Rig:
                 continue
             after = argv[argv.index(b"jobrunner_lib.worker") + 1 :]
             found[int(entry.name)] = after[0].decode() if after else ""
+        # A worker goes on to drive the next job itself: the store says which one it has now.
+        if found and self.db_path.exists():
+            marks = ",".join("?" * len(found))
+            rows = self.query(
+                f"SELECT id, worker_pid FROM job WHERE state = 'running' AND worker_pid IN ({marks})",
+                tuple(found),
+            )
+            found.update({row["worker_pid"]: row["id"] for row in rows})
         return found
 
-    def kill_workers(self) -> list[str]:
+    def kill_workers(self, tally: Counter[str] | None = None, at_most: int = 0) -> list[str]:
         """SIGKILL every worker of this rig (and its process group); the job ids hit.
 
         Repeats until none is left, as a dying worker's pass may have just started another.
+        With at_most, a job whose workers `tally` counts as killed that often already is spared
+        (its worker is left running); each kill is counted in tally.
         """
+        tally = Counter() if tally is None else tally
         hit: list[str] = []
         for _ in range(50):
-            pids = self.worker_pids()
+            pids = {
+                pid: job_id
+                for pid, job_id in self.worker_pids().items()
+                if not at_most or tally[job_id] < at_most
+            }
             if not pids:
                 return hit
             for pid, job_id in pids.items():
@@ -244,6 +260,7 @@ class Rig:
                     else:
                         os.kill(pid, signal.SIGKILL)
                     hit.append(job_id)
+                    tally[job_id] += 1
                 except ProcessLookupError:
                     pass
             time.sleep(0.02)

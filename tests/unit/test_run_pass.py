@@ -327,7 +327,7 @@ def test_race_with_the_new_worker_still_records_its_pid(
     )
 
 
-def test_spawn_failure_is_left_to_the_next_pass(
+def test_spawn_failure_is_left_to_the_next_pass_without_using_an_attempt(
     tmp_path: Path, conn: sqlite3.Connection, workers: Workers, now: float
 ) -> None:
     add(conn, "job")
@@ -346,7 +346,9 @@ def test_spawn_failure_is_left_to_the_next_pass(
     assert (get(conn, "job").state, get(conn, "job").worker_pid) == (State.RUNNING, None)
     one_pass(conn, make_config(tmp_path), workers, now)
     job = get(conn, "job")
-    assert (job.attempts, job.worker_pid, workers.spawned) == (2, 1000, ["job"])
+    # No worker of the job ran, so none failed: a fork failure (e.g. out of memory) is the
+    # machine's, and the job keeps all its attempts.
+    assert (job.attempts, job.worker_pid, workers.spawned) == (1, 1000, ["job"])
 
 
 # ---- supervision ----------------------------------------------------------------------------
@@ -382,6 +384,45 @@ def test_dead_worker_is_respawned_with_one_more_attempt(
     assert workers.spawned == ["job"] and workers.killed == []
     assert [(c.old_state, c.new_state) for c in changes] == [("running", "running")]
     assert "worker pid 111 died" in changes[0].message
+
+
+def test_a_job_whose_lock_a_worker_holds_is_left_to_it_whatever_pid_is_recorded(
+    tmp_path: Path, conn: sqlite3.Connection, workers: Workers, now: float
+) -> None:
+    # The recorded worker (pid 111) is dead, but another process holds the job's lock: a
+    # worker the store does not know yet (its pass was killed before saving it) drives it.
+    from filelock import FileLock
+
+    config = make_config(tmp_path)
+    running_job(conn, now, attempts=3)
+    path = config.job_lock_path("job")
+    path.parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        assert one_pass(conn, config, workers, now) == []
+        job = get(conn, "job")
+        assert (job.state, job.attempts, job.worker_pid) == (State.RUNNING, 3, 111)
+        assert workers.spawned == []
+    finally:
+        holder.kill()
+        holder.wait()
+    with FileLock(str(path), timeout=5):  # released with its holder
+        pass
+    one_pass(conn, config, workers, now)
+    assert get(conn, "job").state is State.FAILED  # now it is the third dead worker
+
+
+HOLD_LOCK = """
+import sys, time
+from filelock import FileLock
+lock = FileLock(sys.argv[1])
+lock.acquire()
+print("locked", flush=True)
+time.sleep(60)
+"""
 
 
 def test_third_dead_worker_fails_the_job_as_internal_error(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -11,7 +14,13 @@ import pytest
 
 from jobrunner_lib import docker, stats, tarstream
 from jobrunner_lib.config import load_config
-from jobrunner_lib.executor import job_environment, job_network, job_user_ids, parse_run_command
+from jobrunner_lib.executor import (
+    job_environment,
+    job_network,
+    job_user_ids,
+    parse_run_command,
+    remove_stale_temps,
+)
 from jobrunner_lib.finalize import REDACTED, decide, redact_environment, trailer
 from jobrunner_lib.models import Job, State, StatusCode
 
@@ -309,3 +318,28 @@ def test_usage_tracks_peak_memory_cpu_time_and_percentage(tmp_path):
     stats.record(conn, {"containers": {}})
     ((stamp, data),) = conn.execute("SELECT timestamp, data FROM stats").fetchall()
     assert "T" in stamp and not stamp.endswith("Z") and data == '{"containers": {}}'
+
+
+def test_remove_stale_temps_removes_only_temp_files_of_writers_that_no_longer_run(tmp_path):
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    out = tmp_path / "output"
+    out.mkdir()
+    names = [
+        f".jr-tmp-big.bin.{dead}.140702679733952",  # a copy-out cut short
+        f".jr-tmp-logs.txt.{dead}",  # finalize's logs.txt, no thread id
+        f".jr-tmp-big.bin.{os.getpid()}.1",  # a writer still running
+        f".jr-tmp-other.csv.{dead}.1",  # beside a file this job did not write
+        "big.bin",
+        "logs.txt",
+        ".jr-tmp-big.bin.notapid",
+    ]
+    for name in names:
+        (out / name).write_text("x")
+    removed = remove_stale_temps([out / "big.bin", out / "logs.txt", tmp_path / "none" / "x"])
+    assert sorted(p.name for p in removed) == sorted(names[:2])
+    assert sorted(p.name for p in out.iterdir()) == sorted(names[2:])
