@@ -208,10 +208,12 @@ class Driver:
         self.record_self()
         # Owed until cleanup() removes the objects: if we die first, a later pass removes them.
         cleanup_debt.owe(self.conn, self.job.id)
+        # The state our own step just brought about, so it is not asked of Docker again.
+        known: ExecutorState | None = None
         try:
             while True:
                 job = self.refresh()
-                state = self.executor.status(job)
+                state, known = known or self.executor.status(job), None
                 if state in (ExecutorState.UNKNOWN, ExecutorState.PREPARED) and job.cancelled:
                     return self.finish_early(StatusCode.CANCELLED_BY_USER, Msg.CANCELLED)
                 if state is ExecutorState.UNKNOWN:
@@ -223,10 +225,12 @@ class Driver:
                     self.set_step(StatusCode.PREPARING, Msg.PREPARING)
                     _fault("prepare")
                     self.executor.prepare(self.job)
+                    known = ExecutorState.PREPARED
                 elif state is ExecutorState.PREPARED:
                     _fault("execute")
                     self.executor.execute(self.job)
                     self.set_step(StatusCode.EXECUTING, Msg.RUNNING)
+                    known = ExecutorState.EXECUTING
                 elif state is ExecutorState.EXECUTING:
                     phase = "running"
                     self.set_step(StatusCode.EXECUTING, Msg.RUNNING)
