@@ -428,8 +428,9 @@ def copy_file_out(
         with calls(what):
             stream, _stat = client().api.get_archive(container, path, chunk_size=tarstream.CHUNK)
             try:
-                reader = tarstream.IterReader(stream, progress)
-                return tarstream.extract_one_file(reader, path.rsplit("/", 1)[-1], dest, progress)
+                # The pieces (one HTTP chunk each, ~32 KB) go to the file as they come.
+                name = path.rsplit("/", 1)[-1]
+                return tarstream.receive_one_file(stream, name, dest, progress)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:  # a plain write does not say which file it was
                     raise DiskFull(path=dest) from exc
