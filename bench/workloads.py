@@ -266,6 +266,60 @@ def floor_docker_run(labels: Labels, runs: int) -> list[float]:
     return times
 
 
+def floor_volume_job(labels: Labels, runs: int) -> list[float]:
+    """The Docker work jr's design does for one trivial job, as bare SDK calls, per job.
+
+    A volume, a stopped helper holding it, the code copied in (put_archive), the job container
+    created, started and waited for, inspected, its log read, one output stat'd and copied out
+    (get_archive), then all three removed: what a job costs the daemon before any of jr's own
+    work, to set beside `docker run --rm` (which copies nothing in or out).
+    """
+    import io
+    import tarfile
+
+    from jobrunner_lib import docker as jr_docker
+
+    api = jr_docker.client().api
+    key, _, value = labels.value.partition("=")
+    label = {key: value}
+    code = io.BytesIO()
+    with tarfile.open(fileobj=code, mode="w") as tar:
+        info = tarfile.TarInfo("workspace/analysis/x.sh")
+        info.size = len(TRIVIAL)
+        tar.addfile(info, io.BytesIO(TRIVIAL.encode()))
+    times = []
+    for _ in range(runs):
+        name = f"jr-bench-floor-{uuid.uuid4().hex[:12]}"
+        start = time.perf_counter()
+        api.create_volume(name, labels=label)
+        binds = api.create_host_config(
+            binds={name: {"bind": "/workspace", "mode": "rw"}}, network_mode="none"
+        )
+        helper = api.create_container(
+            "jr-busybox", ["true"], host_config=binds, labels=label, name=f"{name}-h"
+        )["Id"]
+        api.put_archive(helper, "/", code.getvalue())
+        job = api.create_container(
+            FULL_IMAGE,
+            ["-c", "mkdir -p /workspace/output && echo a > /workspace/output/a.txt"],
+            host_config=binds,
+            labels=label,
+            name=name,
+        )["Id"]
+        api.start(job)
+        api.wait(job)
+        api.inspect_container(job)
+        api.logs(job, timestamps=True)
+        api.head(api._url("/containers/{0}/archive", helper), params={"path": "/workspace/output"})
+        stream, _stat = api.get_archive(helper, "/workspace/output/a.txt")
+        b"".join(stream)
+        api.remove_container(job)
+        api.remove_container(helper)
+        api.remove_volume(name)
+        times.append(time.perf_counter() - start)
+    return times
+
+
 # ---- the workloads --------------------------------------------------------------------------------
 
 
@@ -276,6 +330,7 @@ class Ctx:
     tmp: Path
     max_workers: float
     floors: list[float] = field(default_factory=list)
+    volume_floors: list[float] = field(default_factory=list)
 
     @property
     def runs(self) -> int:
@@ -288,15 +343,30 @@ class Ctx:
         self.floors.append(sample)
         return sample
 
+    def volume_floor_sample(self) -> float:
+        """The per-job floor of jr's design now (floor_volume_job), the median of three."""
+        sample = statistics.median(floor_volume_job(self.labels, 3))
+        self.volume_floors.append(sample)
+        return sample
+
 
 def e2e(
-    ctx: Ctx, name: str, actions: Sequence[str], files: dict[str, str] | None = None
+    ctx: Ctx,
+    name: str,
+    actions: Sequence[str],
+    files: dict[str, str] | None = None,
+    volume_floor: list[float] | None = None,
 ) -> tuple[list[float], list[float]]:
-    """(jr's end-to-end seconds, the per-job floor measured just before) for each run."""
+    """(jr's end-to-end seconds, the per-job floor measured just before) for each run.
+
+    Given a list, volume_floor gets the per-job floor of jr's design measured alongside.
+    """
     study, _sha = make_study(ctx.tmp / name, project(actions), files or FILES)
     jr, floor = [], []
     for _ in range(ctx.runs):
         floor.append(ctx.floor_sample())
+        if volume_floor is not None:
+            volume_floor.append(ctx.volume_floor_sample())
         jr.append(run_e2e(study, ctx.labels, len(actions)))
     return jr, floor
 
@@ -319,11 +389,18 @@ def w10(ctx: Ctx) -> None:
 def w20chain(ctx: Ctx) -> None:
     n = 5 if ctx.quick else 20
     names = [f"c{i:02d}" for i in range(n)]
+    design: list[float] = []
     samples, floor = e2e(
-        ctx, "W20chain", [trivial(a, needs=names[i - 1 : i]) for i, a in enumerate(names)]
+        ctx,
+        "W20chain",
+        [trivial(a, needs=names[i - 1 : i]) for i, a in enumerate(names)],
+        volume_floor=design,
     )
     report(f"W{n}chain_e2e", samples, floor=scaled(floor, n))
     report(f"W{n}chain_per_job", scaled(samples, 1 / n), floor=floor)
+    # The same per-job time against the Docker work jr's design needs (see floor_volume_job).
+    report(f"W{n}chain_per_job_vs_design_floor", scaled(samples, 1 / n), floor=design)
+    report("floor_volume_job_vs_docker_run", design, floor=floor)
 
 
 def w50fan(ctx: Ctx) -> None:
