@@ -156,7 +156,7 @@ def remove_stale_temps(files: Iterable[Path]) -> list[Path]:
     size of the output) and the next attempt writes under its own pid, so without this they pile
     up in the workspaces. A temporary file whose pid runs is left alone: it may be in use.
     """
-    from .run import worker_alive  # lazily: run imports the worker side
+    from .processes import worker_alive
 
     stems: dict[Path, set[str]] = {}
     for path in files:

@@ -11,22 +11,25 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from . import cleanup, db
-from .config import CHECKOUT_DIR, Config
+from .config import Config
 from .errors import ConflictError
 from .models import Job, Msg, State, StatusCode, transition
+from .outage import DockerOutage, store_unusable
+from .processes import (
+    _process_info,
+    kill_worker,
+    reap_children,
+    spawn_worker,
+    worker_alive,
+    worker_holds,
+)
 from .weights import Weights, load_weights
 
 log = logging.getLogger(__name__)
@@ -34,18 +37,11 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 CONFLICT_RETRIES = 3
 WORKER_DIED = "Internal error: the job's worker died 3 times; see the run log"
-# The website flags a job as stale after 30 minutes without an update (SPEC.md §3.7).
-# /proc start times are derived from an integer boot time, so allow for rounding.
-START_TIME_TOLERANCE = 1.0
 
 # A worker that exited because Docker was unreachable is restarted without counting an attempt
 # (the daemon being restarted is not the job's fault), but only this many times per job, so a
 # worker that keeps failing that way while Docker answers the pass's ping cannot spin forever.
 FREE_DOCKER_RESTARTS = 10
-# SQLite result codes (low byte) meaning the state store itself is unusable right now: busy,
-# locked, read-only, I/O error, disk full, cannot open. A pass stops at once on these rather
-# than logging the same failure for every job.
-STORE_UNUSABLE_CODES = frozenset({5, 6, 8, 10, 13, 14})
 
 Spawn = Callable[[Config, str], tuple[int, float]]
 IsAlive = Callable[[int, float | None], bool]
@@ -78,210 +74,6 @@ class Change:
             "status_code": self.status_code,
             "message": self.message,
         }
-
-
-@dataclass(frozen=True)
-class DockerOutage:
-    """Workers of a job found Docker unreachable: kept in the job's error_detail (one line).
-
-    The worker writes it before exiting 75, so that the pass restarts the job's worker without
-    counting an attempt, and so that a later worker can tell a container stopped by a daemon
-    shutdown (exit 137/143 around `first`) from a job that failed by itself.
-    """
-
-    count: int
-    first: float
-    last: float
-    pid: int
-
-    PREFIX = "Docker became unavailable while the job ran"
-    _PATTERN = re.compile(
-        r"^Docker became unavailable while the job ran \((\d+)x; first (\S+), last (\S+) "
-        r"by worker pid (\d+)\)"
-    )
-
-    def note(self) -> str:
-        """The error_detail text."""
-        return (
-            f"{self.PREFIX} ({self.count}x; first {_stamp(self.first)}, last {_stamp(self.last)} "
-            f"by worker pid {self.pid})"
-        )
-
-    @classmethod
-    def parse(cls, detail: str | None) -> DockerOutage | None:
-        """The outage recorded in an error_detail, or None."""
-        match = cls._PATTERN.match(detail or "")
-        if not match:
-            return None
-        count, first, last, pid = match.groups()
-        return cls(int(count), _unstamp(first), _unstamp(last), int(pid))
-
-    @classmethod
-    def record(cls, detail: str | None, pid: int, at: float) -> DockerOutage:
-        """The outage after one more worker (pid) found Docker gone at `at`."""
-        previous = cls.parse(detail)
-        if previous is None:
-            return cls(1, at, at, pid)
-        return cls(previous.count + 1, previous.first, at, pid)
-
-
-def _stamp(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
-
-
-def _unstamp(text: str) -> float:
-    import calendar
-
-    whole, _, frac = text.rstrip("Z").partition(".")
-    return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + float(f"0.{frac or 0}")
-
-
-def store_unusable(exc: BaseException) -> bool:
-    """Whether an exception says the state store cannot be used now (disk full, busy, I/O)."""
-    if not isinstance(exc, sqlite3.Error):
-        return False
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in STORE_UNUSABLE_CODES
-    text = str(exc).lower()
-    return any(p in text for p in ("disk is full", "disk i/o", "readonly", "locked", "busy"))
-
-
-# ---- worker processes -------------------------------------------------------------------------
-
-_WORKERS: list[subprocess.Popen[bytes]] = []
-
-
-def spawn_worker(config: Config, job_id: str) -> tuple[int, float]:
-    """Start a detached `python -m jobrunner_lib.worker <id>`; return its pid and start time."""
-    log_path = config.workdir / "logs" / "workers.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    # The bin/ launchers put the checkout on sys.path by hand; the worker needs it too.
-    paths = [str(CHECKOUT_DIR), str(CHECKOUT_DIR / "lib"), env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    detach: dict[str, Any] = {}
-    if os.name == "nt":
-        detach["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.DETACHED_PROCESS
-    else:
-        # Its own session: a Ctrl-C or SIGTERM aimed at the service does not reach it mid-copy.
-        detach["start_new_session"] = True
-    with open(log_path, "ab") as out:
-        # cwd is the workdir so a worker never pins the operator's current directory (Windows).
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "jobrunner_lib.worker", job_id],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=str(config.workdir),
-            close_fds=True,
-            **detach,
-        )
-    _WORKERS.append(proc)
-    started = _process_info(proc.pid)[1]
-    return proc.pid, started if started is not None else time.time()
-
-
-def reap_children() -> None:
-    """Collect the exit status of workers this process started, so none lingers as a zombie."""
-    # Polling our own Popen objects reaps exactly our workers (a waitpid(-1) loop would also
-    # steal the status of any other child of a process that embeds the pass, e.g. a test).
-    _WORKERS[:] = [proc for proc in _WORKERS if proc.poll() is None]
-
-
-def worker_alive(pid: int, start_time: float | None) -> bool:
-    """True if `pid` runs and, where the OS tells us, started at `start_time` (not a reused pid)."""
-    if pid <= 0:
-        return False
-    running, started = _process_info(pid)
-    if not running:
-        return False
-    if started is None or start_time is None:
-        return True
-    return abs(started - start_time) < START_TIME_TOLERANCE
-
-
-def kill_worker(pid: int, start_time: float | None) -> None:
-    """Kill a stalled worker and everything in its process group (it leads its own session)."""
-    if pid <= 1 or not worker_alive(pid, start_time):
-        return  # gone already, or the pid now belongs to a stranger
-    if os.name == "nt":
-        subprocess.run(
-            ["taskkill", "/PID", str(pid), "/T", "/F"], capture_output=True, timeout=60, check=False
-        )
-        return
-    try:
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, signal.SIGKILL)
-        else:
-            os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _process_info(pid: int) -> tuple[bool, float | None]:
-    """(running, start time as Unix seconds when the OS can tell us)."""
-    if sys.platform.startswith("linux"):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return False, None
-        # The command name (field 2) may hold spaces and brackets: count fields after the last ')'.
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] in ("Z", "X"):  # a zombie has finished its work
-            return False, None
-        ticks = int(fields[19])  # field 22: start time in clock ticks since boot
-        return True, _boot_time() + ticks / os.sysconf("SC_CLK_TCK")
-    if os.name == "nt":
-        return _windows_process_info(pid)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False, None
-    except PermissionError:
-        return True, None
-    return True, None
-
-
-@lru_cache(maxsize=1)
-def _boot_time() -> float:
-    with open("/proc/stat", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("btime "):
-                return float(line.split()[1])
-    return 0.0
-
-
-def _windows_process_info(pid: int) -> tuple[bool, float | None]:
-    # os.kill(pid, 0) would send CTRL_C_EVENT on Windows, so ask the kernel directly.
-    import ctypes
-    from ctypes import wintypes
-
-    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
-    kernel32.OpenProcess.restype = wintypes.HANDLE
-    kernel32.OpenProcess.argtypes = [wintypes.DWORD, wintypes.BOOL, wintypes.DWORD]
-    # Declared so that 64-bit handles are not truncated to C ints.
-    kernel32.GetExitCodeProcess.argtypes = [wintypes.HANDLE, ctypes.POINTER(wintypes.DWORD)]
-    kernel32.GetProcessTimes.argtypes = [wintypes.HANDLE, *[ctypes.POINTER(wintypes.FILETIME)] * 4]
-    kernel32.CloseHandle.argtypes = [wintypes.HANDLE]
-    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-    if not handle:
-        return ctypes.get_last_error() == 5, None  # ERROR_ACCESS_DENIED: it exists
-    try:
-        code = wintypes.DWORD()
-        if kernel32.GetExitCodeProcess(handle, ctypes.byref(code)) and code.value != 259:
-            return False, None  # exited (259 is STILL_ACTIVE)
-        times = [wintypes.FILETIME() for _ in range(4)]
-        if not kernel32.GetProcessTimes(handle, *(ctypes.byref(t) for t in times)):
-            return True, None
-        ticks = (times[0].dwHighDateTime << 32) | times[0].dwLowDateTime  # 100 ns since 1601
-        return True, ticks / 1e7 - 11644473600
-    finally:
-        kernel32.CloseHandle(handle)
-
-
-# ---- the pass ---------------------------------------------------------------------------------
 
 
 def run_pass(
@@ -565,24 +357,6 @@ class _Pass:
                 message,
             )
         )
-
-
-def worker_holds(config: Config, job_id: str) -> bool:
-    """Whether some worker holds the job's lock (is driving it) right now."""
-    from filelock import FileLock, Timeout
-
-    path = config.job_lock_path(job_id)
-    if not path.exists():
-        return False
-    lock = FileLock(str(path), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        return True
-    except OSError:  # e.g. the locks directory is being removed: nobody can hold it then
-        return False
-    lock.release()
-    return False
 
 
 def run_lock(config: Config, timeout: float) -> Any:

@@ -43,7 +43,7 @@ def service_pid(config: Config) -> int | None:
     if not fields or not fields[0].isdigit():
         return None
     pid = int(fields[0])
-    from .run import worker_alive  # lazily: run pulls in the scheduler
+    from .processes import worker_alive
 
     if pid <= 1 or not worker_alive(pid, None):
         return None
@@ -60,7 +60,7 @@ def service_pid(config: Config) -> int | None:
 
 def stop_worker(job: Job, wait: float = WORKER_EXIT_WAIT) -> str | None:
     """Kill the job's worker and its process group if it still runs; say what happened (or None)."""
-    from .run import kill_worker, worker_alive
+    from .processes import kill_worker, worker_alive
 
     pid, started = job.worker_pid, job.worker_started_at
     if not pid or not worker_alive(pid, started):

@@ -36,7 +36,8 @@ from .errors import (
 from .executor import Executor, ExecutorState, LocalDockerExecutor, apply_result
 from .finalize import iso
 from .models import Job, Msg, State, StatusCode, transition
-from .run import DockerOutage, _process_info, store_unusable
+from .outage import DockerOutage, store_unusable
+from .processes import _process_info
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +313,7 @@ class Driver:
         self.save(lambda j: j.copy(worker_pid=os.getpid(), worker_started_at=started))
 
     def note_docker_lost(self, exc: BaseException) -> None:
-        """Record in the job that Docker went away under this worker (see run.DockerOutage)."""
+        """Record in the job that Docker went away under this worker (see outage.DockerOutage)."""
         pid, at = os.getpid(), time.time()
         try:
             self.save(
@@ -517,7 +518,7 @@ def drive_job(
     conn = db.connect(config.db_path)
     lock_path = config.job_lock_path(job_id)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    # A moment's patience: a pass may be looking whether the lock is held (run.worker_holds).
+    # A moment's patience: a pass may be looking whether the lock is held (processes.worker_holds).
     lock = filelock.FileLock(str(lock_path), timeout=JOB_LOCK_WAIT)
     try:
         try:

@@ -151,7 +151,7 @@ Does not contact the jobs website: the next jr-sync reports the new state. Safe 
     def unfinished(self, ctx: Context, job: Job) -> bool:
         """An earlier kill was interrupted: worker or container still running, or no log kept."""
         from .. import docker
-        from ..run import worker_alive
+        from ..processes import worker_alive
 
         if job.worker_pid and worker_alive(job.worker_pid, job.worker_started_at):
             return True

@@ -10,7 +10,8 @@ import sqlite3
 from ..config import Config
 from ..errors import TemporaryFailure
 from ..logs import one_line
-from ..run import run_pass, store_unusable
+from ..outage import store_unusable
+from ..run import run_pass
 from .common import Context, Tool, run_tool
 
 COLUMNS = ["id", "action", "workspace", "from", "to", "status_code", "message"]

@@ -21,7 +21,8 @@ from jobrunner_lib import db, docker
 from jobrunner_lib.cli.watch_logs import select_lines
 from jobrunner_lib.config import load_config
 from jobrunner_lib.models import Job, State, StatusCode
-from jobrunner_lib.run import reap_children, run_pass, worker_alive
+from jobrunner_lib.processes import reap_children, worker_alive
+from jobrunner_lib.run import run_pass
 from tests.support.cli import BIN, run, tool_env
 from tests.support.factories import make_job, make_request
 from tests.support.studies import make_study

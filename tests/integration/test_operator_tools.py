@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import db, docker, run
+from jobrunner_lib import db, docker, processes, run
 from jobrunner_lib.cli.common import read_tsv
 from jobrunner_lib.config import CHECKOUT_DIR, Config, load_config
 from jobrunner_lib.ids import job_id, new_request_id
@@ -125,9 +125,9 @@ def env(workdir: Path, monkeypatch: pytest.MonkeyPatch, docker_ready) -> Iterato
     if (workdir / "db.sqlite").exists():
         conn = db.connect(workdir / "db.sqlite")
         for row in conn.execute("SELECT worker_pid, worker_started_at FROM job WHERE worker_pid"):
-            run.kill_worker(row[0], row[1])
+            processes.kill_worker(row[0], row[1])
         conn.close()
-    run.reap_children()
+    processes.reap_children()
     remove_test_objects()
 
 
@@ -273,7 +273,7 @@ def test_kill_running_job_stops_worker_and_container_keeps_log_then_cleanup(conf
     assert "About to kill 1 job(s):" in result.stderr
     job = get(conn, jid)
     assert (job.state, job.status_code) == (State.FAILED, StatusCode.KILLED_BY_ADMIN)
-    assert not run.worker_alive(worker.worker_pid, worker.worker_started_at)
+    assert not processes.worker_alive(worker.worker_pid, worker.worker_started_at)
     assert container_state(jid) == "exited"
     assert objects(jid)["volume"]  # kept for a look until --cleanup
     log_txt = job_log(config, jid)
@@ -308,9 +308,10 @@ def test_kill_finished_job_keeps_its_state_and_cleanup_clears_leftovers(config, 
     assert done.state is State.SUCCEEDED
     # The worker cleans up after saving the final state; let it finish first.
     wait_for(
-        lambda: not run.worker_alive(done.worker_pid, done.worker_started_at), what="the worker"
+        lambda: not processes.worker_alive(done.worker_pid, done.worker_started_at),
+        what="the worker",
     )
-    run.reap_children()
+    processes.reap_children()
     # A leftover volume, as a crash during cleanup would leave.
     docker.create_volume(docker.volume_name(jid), docker.labels(config.backend, jid))
 
@@ -527,7 +528,7 @@ def test_reboot_prep_puts_running_jobs_back_to_pending_and_they_rerun_after(conf
         Msg.WAITING_ON_REBOOT,
     )
     assert job.started_at is None and job.worker_pid is None
-    assert not run.worker_alive(worker.worker_pid, worker.worker_started_at)
+    assert not processes.worker_alive(worker.worker_pid, worker.worker_started_at)
     assert objects(jid) == {"container": False, "helper": False, "volume": False}
     (row,) = rows(result)
     assert row["id"] == jid and row["result"].startswith("back to pending")

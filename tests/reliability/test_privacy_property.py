@@ -25,7 +25,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobrunner_lib import db, run
+from jobrunner_lib import db, processes, run
 from jobrunner_lib.outputs import PRIVACY_LEVELS, match_outputs, medium_privacy_files
 from jobrunner_lib.pipeline import load_pipeline
 from jobrunner_lib.pipeline_rules import validate_output_path
@@ -230,7 +230,7 @@ def run_action(base: Path, outputs: dict, files: list[str]) -> tuple:
     conn = db.connect(config.db_path)
     try:
         # The real pass claims the job; the worker then runs here rather than in a new process.
-        me = (os.getpid(), run._process_info(os.getpid())[1] or time.time())
+        me = (os.getpid(), processes._process_info(os.getpid())[1] or time.time())
         run.run_pass(config, conn, spawn=lambda _config, _id: me)
         job = drive_job(config, job_id)
     finally:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from jobrunner_lib import db, run
+from jobrunner_lib import db, processes
 from jobrunner_lib.config import CHECKOUT_DIR, Config
 from jobrunner_lib.models import Job, Msg, State, StatusCode
 from jobrunner_lib.run import WORKER_DIED, Change, run_pass
@@ -572,33 +572,33 @@ def test_spawn_worker_starts_a_detached_logged_process(
     fake_python.write_text('#!/bin/sh\necho "args: $*"\necho "path: $PYTHONPATH"\nexec sleep 60\n')
     fake_python.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(fake_python))
-    pid, started = run.spawn_worker(make_config(tmp_path), "abcd1234abcd1234")
+    pid, started = processes.spawn_worker(make_config(tmp_path), "abcd1234abcd1234")
     try:
         assert os.getsid(pid) == pid  # its own session: a Ctrl-C to the service does not reach it
-        assert run.worker_alive(pid, started)
+        assert processes.worker_alive(pid, started)
         log_file = tmp_path / "logs" / "workers.log"
         wait_for(lambda: "path:" in log_file.read_text())
         text = log_file.read_text()
         assert "args: -m jobrunner_lib.worker abcd1234abcd1234" in text
         assert f"path: {CHECKOUT_DIR}{os.pathsep}" in text
     finally:
-        run.kill_worker(pid, started)
-    wait_for(lambda: not run.worker_alive(pid, started))
-    run.reap_children()
-    assert run._WORKERS == []
+        processes.kill_worker(pid, started)
+    wait_for(lambda: not processes.worker_alive(pid, started))
+    processes.reap_children()
+    assert processes._WORKERS == []
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="start times come from /proc")
 def test_worker_alive_rejects_a_reused_pid() -> None:
     proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
-        started = run._process_info(proc.pid)[1]
+        started = processes._process_info(proc.pid)[1]
         assert started is not None and abs(started - time.time()) < 5
-        assert run.worker_alive(proc.pid, started)
-        assert not run.worker_alive(proc.pid, started - 3600)  # same pid, another process
-        run.kill_worker(proc.pid, started - 3600)  # must not kill the stranger
+        assert processes.worker_alive(proc.pid, started)
+        assert not processes.worker_alive(proc.pid, started - 3600)  # same pid, another process
+        processes.kill_worker(proc.pid, started - 3600)  # must not kill the stranger
         assert proc.poll() is None
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert not run.worker_alive(proc.pid, started)
+    assert not processes.worker_alive(proc.pid, started)

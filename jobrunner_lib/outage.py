@@ -1,0 +1,84 @@
+"""Outages a job is not to blame for, as the pass and its workers recognise them.
+
+Docker unreachable (DockerOutage, the note a worker leaves in its job), and the state store
+unusable (store_unusable): a worker that meets either exits 75 and leaves its job as it is.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from dataclasses import dataclass
+
+# SQLite result codes (low byte) meaning the state store itself is unusable right now: busy,
+# locked, read-only, I/O error, disk full, cannot open. A pass stops at once on these rather
+# than logging the same failure for every job.
+STORE_UNUSABLE_CODES = frozenset({5, 6, 8, 10, 13, 14})
+
+
+@dataclass(frozen=True)
+class DockerOutage:
+    """Workers of a job found Docker unreachable: kept in the job's error_detail (one line).
+
+    The worker writes it before exiting 75, so that the pass restarts the job's worker without
+    counting an attempt, and so that a later worker can tell a container stopped by a daemon
+    shutdown (exit 137/143 around `first`) from a job that failed by itself.
+    """
+
+    count: int
+    first: float
+    last: float
+    pid: int
+
+    PREFIX = "Docker became unavailable while the job ran"
+    _PATTERN = re.compile(
+        r"^Docker became unavailable while the job ran \((\d+)x; first (\S+), last (\S+) "
+        r"by worker pid (\d+)\)"
+    )
+
+    def note(self) -> str:
+        """The error_detail text."""
+        return (
+            f"{self.PREFIX} ({self.count}x; first {_stamp(self.first)}, last {_stamp(self.last)} "
+            f"by worker pid {self.pid})"
+        )
+
+    @classmethod
+    def parse(cls, detail: str | None) -> DockerOutage | None:
+        """The outage recorded in an error_detail, or None."""
+        match = cls._PATTERN.match(detail or "")
+        if not match:
+            return None
+        count, first, last, pid = match.groups()
+        return cls(int(count), _unstamp(first), _unstamp(last), int(pid))
+
+    @classmethod
+    def record(cls, detail: str | None, pid: int, at: float) -> DockerOutage:
+        """The outage after one more worker (pid) found Docker gone at `at`."""
+        previous = cls.parse(detail)
+        if previous is None:
+            return cls(1, at, at, pid)
+        return cls(previous.count + 1, previous.first, at, pid)
+
+
+def _stamp(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+def _unstamp(text: str) -> float:
+    import calendar
+
+    whole, _, frac = text.rstrip("Z").partition(".")
+    return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + float(f"0.{frac or 0}")
+
+
+def store_unusable(exc: BaseException) -> bool:
+    """Whether an exception says the state store cannot be used now (disk full, busy, I/O)."""
+    if not isinstance(exc, sqlite3.Error):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in STORE_UNUSABLE_CODES
+    text = str(exc).lower()
+    return any(p in text for p in ("disk is full", "disk i/o", "readonly", "locked", "busy"))
