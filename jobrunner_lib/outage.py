@@ -1,20 +1,28 @@
 """Outages a job is not to blame for, as the pass and its workers recognise them.
 
-Docker unreachable (DockerOutage, the note a worker leaves in its job), and the state store
-unusable (store_unusable): a worker that meets either exits 75 and leaves its job as it is.
+Docker unreachable (DockerOutage, the note a worker leaves in its job), the state store unusable
+(store_unusable), and a full disk (which of the backend's disks it is). A worker that finds Docker
+or the store unusable exits 75 and leaves its job as it is; a full disk fails the job with a
+message naming the disk.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import time
 from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
 
 # SQLite result codes (low byte) meaning the state store itself is unusable right now: busy,
 # locked, read-only, I/O error, disk full, cannot open. A pass stops at once on these rather
 # than logging the same failure for every job.
 STORE_UNUSABLE_CODES = frozenset({5, 6, 8, 10, 13, 14})
+# Free space below which a disk counts as the full one when an error does not say which it was.
+NEARLY_FULL = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -82,3 +90,37 @@ def store_unusable(exc: BaseException) -> bool:
         return code & 0xFF in STORE_UNUSABLE_CODES
     text = str(exc).lower()
     return any(p in text for p in ("disk is full", "disk i/o", "readonly", "locked", "busy"))
+
+
+def disk_name(config: Config, path: Path) -> str | None:
+    """Which of the backend's disks a path is on, in words; None if it is none of them."""
+    places = (
+        (config.high_privacy_storage_base, "the high privacy storage"),
+        (config.medium_privacy_storage_base, "the medium privacy storage"),
+        (config.workdir, "the workdir"),
+    )
+    for base, name in places:  # the privacy trees may live inside the workdir: checked first
+        try:
+            path.resolve().relative_to(base.resolve())
+            return name
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def full_disk_name(config: Config) -> str | None:
+    """The backend disk with (almost) no room left, in words; None if not exactly one is full."""
+    full: dict[int, str] = {}
+    for base, name in (
+        (config.high_privacy_storage_base, "the high privacy storage"),
+        (config.medium_privacy_storage_base, "the medium privacy storage"),
+        (config.workdir, "the workdir"),
+    ):
+        try:
+            st = os.statvfs(base)
+        except (OSError, AttributeError):  # missing, or Windows (no statvfs)
+            continue
+        if st.f_bavail * st.f_frsize < NEARLY_FULL:
+            # Keyed by filesystem: the privacy trees often share the workdir's disk.
+            full.setdefault(os.stat(base).st_dev, name)
+    return next(iter(full.values())) if len(full) == 1 else None
