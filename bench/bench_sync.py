@@ -19,7 +19,8 @@ from benchlib import ROOT, report, run_cmd, timed, tool_env
 from jobrunner_lib import db
 from jobrunner_lib.config import Config, load_config
 from jobrunner_lib.ids import job_id, new_request_id
-from jobrunner_lib.jobserver import JobServerClient, job_to_wire
+from jobrunner_lib.jobserver import JobServerClient
+from jobrunner_lib.jobserver_wire import job_to_wire
 from jobrunner_lib.models import JobRequest, State, StatusCode, new_job
 from jobrunner_lib.sync import WIRE_KEYS, sync_pass
 from tests.support.fake_jobserver import FakeJobServer

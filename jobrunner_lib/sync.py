@@ -20,14 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 from . import db
 from .config import Config
 from .create_jobs import RetryLater, handle_request
-from .jobserver import (
-    JobServerClient,
-    JobServerError,
-    JobServerRejected,
-    JobServerUnavailable,
-    group_contiguously,
-    job_to_wire,
-)
+from .jobserver import JobServerClient, JobServerError, JobServerRejected, JobServerUnavailable
+from .jobserver_wire import group_contiguously, job_to_wire
 from .models import Job, JobRequest
 
 log = logging.getLogger(__name__)

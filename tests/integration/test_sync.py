@@ -16,7 +16,8 @@ from jobrunner_lib import db
 from jobrunner_lib import sync as sync_module
 from jobrunner_lib.config import Config, load_config
 from jobrunner_lib.create_jobs import RetryLater
-from jobrunner_lib.jobserver import JobServerClient, JobServerUnavailable, job_to_wire
+from jobrunner_lib.jobserver import JobServerClient, JobServerUnavailable
+from jobrunner_lib.jobserver_wire import job_to_wire
 from jobrunner_lib.models import ERROR_ACTION, Msg, State, StatusCode, transition
 from jobrunner_lib.sync import WIRE_KEYS, SyncResult, post_requests, sync_pass
 from tests.support.factories import make_job, make_request

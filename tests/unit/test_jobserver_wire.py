@@ -12,12 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobrunner_lib.jobserver import (
-    JobServerClient,
-    group_contiguously,
-    job_to_wire,
-    parse_job_request,
-)
+from jobrunner_lib.jobserver import JobServerClient
+from jobrunner_lib.jobserver_wire import group_contiguously, job_to_wire, parse_job_request
 
 WINDOW_REQUEST = {
     "identifier": "k3v7q2m4x6z8b2c4",
