@@ -34,7 +34,7 @@ from benchlib import report
 from workloads import HELPER_IMAGE, Labels, check_images, docker, note
 
 from jobrunner_lib import docker as jr_docker
-from jobrunner_lib import tarstream
+from jobrunner_lib import extract, tarstream
 
 
 def old_copy_file_out(container: str, path: str, dest: Path) -> int:
@@ -42,8 +42,8 @@ def old_copy_file_out(container: str, path: str, dest: Path) -> int:
     progress = tarstream.Progress()
     stream, _stat = jr_docker.client().api.get_archive(container, path, chunk_size=tarstream.CHUNK)
     try:
-        reader = tarstream.IterReader(stream, progress)
-        return tarstream.extract_one_file(reader, path.rsplit("/", 1)[-1], dest, progress)
+        reader = extract.IterReader(stream, progress)
+        return extract.extract_one_file(reader, path.rsplit("/", 1)[-1], dest, progress)
     finally:
         stream.close()
 

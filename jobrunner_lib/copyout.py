@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import docker, tarstream
+from . import docker, extract, tarstream
 
 # A directory archive pays off from a handful of files (each single copy costs a Docker call).
 DIRECTORY_MIN_FILES = 8
@@ -134,7 +134,7 @@ def copy_outputs(
             stall_timeout=stall_timeout,
         )
         for other in others:
-            tarstream.atomic_copy(first, other)
+            extract.atomic_copy(first, other)
 
 
 def _copy_directory(
@@ -155,8 +155,8 @@ def _copy_directory(
                 helper, source, chunk_size=tarstream.CHUNK
             )
             try:
-                reader = tarstream.IterReader(stream, progress)
-                return tarstream.extract_members(reader, wanted, progress)
+                reader = extract.IterReader(stream, progress)
+                return extract.extract_members(reader, wanted, progress)
             finally:
                 getattr(stream, "close", lambda: None)()
 

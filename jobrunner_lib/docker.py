@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import tarstream
+from . import extract, tarstream
 from .config import Config
 from .errors import TemporaryFailure
 
@@ -430,7 +430,7 @@ def copy_file_out(
             try:
                 # The pieces (one HTTP chunk each, ~32 KB) go to the file as they come.
                 name = path.rsplit("/", 1)[-1]
-                return tarstream.receive_one_file(stream, name, dest, progress)
+                return extract.receive_one_file(stream, name, dest, progress)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:  # a plain write does not say which file it was
                     raise DiskFull(path=dest) from exc

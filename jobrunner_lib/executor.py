@@ -20,7 +20,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from . import docker, git, tarstream
+from . import docker, extract, git, tarstream
 from .config import Config
 from .db import job_from_row
 from .docker import JobError
@@ -151,7 +151,7 @@ def job_network(config: Config, job: Job) -> str:
 def remove_stale_temps(files: Iterable[Path]) -> list[Path]:
     """Remove the temporary files that writers no longer running left beside these files.
 
-    Each file is written as `.jr-tmp-<name>.<pid>[.<thread>]` (tarstream.temp_path) and renamed
+    Each file is written as `.jr-tmp-<name>.<pid>[.<thread>]` (extract.temp_path) and renamed
     into place. A worker killed part-way through a copy leaves its temporary file (up to the whole
     size of the output) and the next attempt writes under its own pid, so without this they pile
     up in the workspaces. A temporary file whose pid runs is left alone: it may be in use.
@@ -161,7 +161,7 @@ def remove_stale_temps(files: Iterable[Path]) -> list[Path]:
     stems: dict[Path, set[str]] = {}
     for path in files:
         # The temporary name without its ".<pid>.<thread>" (finalize's logs.txt has no thread).
-        stems.setdefault(path.parent, set()).add(tarstream.temp_path(path).name.rsplit(".", 2)[0])
+        stems.setdefault(path.parent, set()).add(extract.temp_path(path).name.rsplit(".", 2)[0])
     removed = []
     for directory, names in stems.items():
         try:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import copyout, docker, outputs, tarstream
+from . import copyout, docker, extract, outputs, tarstream
 from .docker import JobError
 from .models import Job, Msg, State, StatusCode, iso, now
 
@@ -316,9 +316,9 @@ def finalize_job(executor: LocalDockerExecutor, job: Job) -> FinalResult:
         return result  # SPEC.md §2.1: only the log and metadata; workspaces untouched
 
     action_log = workspace_path(high, f"metadata/{job.action}.log")
-    tarstream.atomic_copy(logs_txt, action_log)
+    extract.atomic_copy(logs_txt, action_log)
     log.info(f"Logs written to: {action_log}", extra={"job": job})
-    tarstream.atomic_copy(logs_txt, workspace_path(medium, f"metadata/{job.action}.log"))
+    extract.atomic_copy(logs_txt, workspace_path(medium, f"metadata/{job.action}.log"))
 
     # Few Docker calls however many files (see copyout.py); each file is still written through
     # a temporary name and renamed into place, and only regular files are ever written.
@@ -344,7 +344,7 @@ def finalize_job(executor: LocalDockerExecutor, job: Job) -> FinalResult:
             log.warning(f"Could not check {path} in the medium tree: {exc}", extra={"job": job})
     # The rump manifest, still read by the release tooling.
     manifest = json.dumps({"repo": job.repo_url, "workspace": job.workspace}, indent=2)
-    tarstream.atomic_write(workspace_path(medium, "metadata/manifest.json"), manifest)
+    extract.atomic_write(workspace_path(medium, "metadata/manifest.json"), manifest)
 
     if result.state is State.SUCCEEDED:
         # Only a success replaces the previous run's set of outputs; after a failure the old
@@ -392,5 +392,5 @@ def write_job_logs(high_privacy_base: Path, job: Job, metadata: dict[str, Any]) 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    tarstream.atomic_write(directory / "metadata.json", json.dumps(metadata, indent=2) + "\n")
+    extract.atomic_write(directory / "metadata.json", json.dumps(metadata, indent=2) + "\n")
     return logs_txt

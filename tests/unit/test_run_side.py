@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from jobrunner_lib import docker, stats, tarstream
+from jobrunner_lib import docker, extract, stats, tarstream
 from jobrunner_lib.config import load_config
 from jobrunner_lib.executor import (
     job_environment,
@@ -153,11 +153,9 @@ def test_file_entry_streams_a_file_from_disk(tmp_path):
 
 def test_extract_one_file_writes_atomically(tmp_path):
     data = tar_bytes(regular("a.csv", b"1,2\n"))
-    reader = tarstream.IterReader([data[:100], data[100:]], tarstream.Progress())
+    reader = extract.IterReader([data[:100], data[100:]], tarstream.Progress())
     assert (
-        tarstream.extract_one_file(
-            reader, "a.csv", tmp_path / "out" / "a.csv", tarstream.Progress()
-        )
+        extract.extract_one_file(reader, "a.csv", tmp_path / "out" / "a.csv", tarstream.Progress())
         == 4
     )
     assert (tmp_path / "out" / "a.csv").read_bytes() == b"1,2\n"
@@ -172,7 +170,7 @@ def test_extract_one_file_refuses_anything_but_a_regular_file(tmp_path, kind):
     info.type, info.linkname = kind, "/etc/passwd"
     data = tar_bytes((info, None))
     with pytest.raises(tarstream.UnsafeArchive):
-        tarstream.extract_one_file(
+        extract.extract_one_file(
             io.BytesIO(data), "a.csv", tmp_path / "a.csv", tarstream.Progress()
         )
     assert list(tmp_path.iterdir()) == []

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobrunner_lib import tarstream
+from jobrunner_lib import extract, tarstream
 
 LONG = "long-" + "n" * 150 + ".csv"  # too long for a ustar name field: PAX or GNU headers
 
@@ -45,7 +45,7 @@ def cut(stream: bytes, size: int) -> list[bytes]:
 
 
 def receive(pieces: list[bytes], name: str, dest: Path) -> int:
-    return tarstream.receive_one_file(pieces, name, dest, tarstream.Progress())
+    return extract.receive_one_file(pieces, name, dest, tarstream.Progress())
 
 
 DATA = bytes(range(256)) * 40 + b"tail"  # not a whole number of blocks
@@ -65,10 +65,10 @@ DATA = bytes(range(256)) * 40 + b"tail"  # not a whole number of blocks
 def test_receive_one_file_writes_the_file_from_pieces_of_any_size(tmp_path, fmt, name, piece):
     dest = tmp_path / "out" / "copy.csv"
     progress = tarstream.Progress()
-    assert tarstream.receive_one_file(cut(regular(name, DATA, fmt), piece), name, dest, progress)
+    assert extract.receive_one_file(cut(regular(name, DATA, fmt), piece), name, dest, progress)
     assert dest.read_bytes() == DATA
     assert [p.name for p in dest.parent.iterdir()] == ["copy.csv"]  # no temporary file left
-    assert oct(dest.stat().st_mode & 0o777) == oct(0o666 & ~tarstream._UMASK)
+    assert oct(dest.stat().st_mode & 0o777) == oct(0o666 & ~extract._UMASK)
     assert progress.bytes > len(DATA)
 
 
@@ -179,7 +179,7 @@ def test_receive_one_file_stops_when_the_copy_is_abandoned(tmp_path):
         yield from cut(stream, 2048)[2:]
 
     with pytest.raises(tarstream.CopyStalled):
-        tarstream.receive_one_file(pieces(), "a.csv", tmp_path / "a.csv", progress)
+        extract.receive_one_file(pieces(), "a.csv", tmp_path / "a.csv", progress)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -187,7 +187,7 @@ def test_receive_one_file_raises_a_full_disk_naming_the_file(tmp_path, monkeypat
     def full(fd: int, buffers: list) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(tarstream.os, "writev", full)
+    monkeypatch.setattr(extract.os, "writev", full)
     stream = regular("a.csv", DATA * 200)
     with pytest.raises(OSError) as raised:
         receive(cut(stream, 32768), "a.csv", tmp_path / "a.csv")
@@ -198,7 +198,7 @@ def test_receive_one_file_raises_a_full_disk_naming_the_file(tmp_path, monkeypat
 
 def test_receive_one_file_finishes_short_writes(tmp_path, monkeypatch):
     writev = os.writev
-    monkeypatch.setattr(tarstream.os, "writev", lambda fd, bufs: writev(fd, [bufs[0][:7]]))
+    monkeypatch.setattr(extract.os, "writev", lambda fd, bufs: writev(fd, [bufs[0][:7]]))
     assert receive(cut(regular("a.csv", DATA), 300), "a.csv", tmp_path / "a.csv") == len(DATA)
     assert (tmp_path / "a.csv").read_bytes() == DATA
 
@@ -234,7 +234,7 @@ def test_receive_one_file_agrees_with_extract_one_file(which, end, piece):
                     receive(cut(stream[:end], piece), name, dest)
                 else:
                     reader = io.BytesIO(stream[:end])
-                    tarstream.extract_one_file(reader, name, dest, tarstream.Progress())
+                    extract.extract_one_file(reader, name, dest, tarstream.Progress())
             except (tarstream.UnsafeArchive, tarfile.TarError) as exc:
                 outcomes.append(type(exc))
             else:
