@@ -8,10 +8,10 @@ pays for the write-back of the one before.
 
 Figures: `copy_out_<N>MB_docker_cp` (floor), `copy_out_<N>MB_old` (get_archive in 1 MB pieces
 through IterReader and tarfile, as copy_file_out did before), `copy_out_<N>MB_jr`
-(`docker.copy_file_out` as it is now) and `copy_out_<N>MB_read_only` (the archive stream drained,
-nothing written: what the socket alone costs through the SDK). `#` lines give min-max and the
-CPU seconds this process spent (all its threads; `docker cp`'s own CPU is not counted), which
-vary far less than wall time when other work loads the machine.
+(`docker_files.copy_file_out` as it is now) and `copy_out_<N>MB_read_only` (the archive stream
+drained, nothing written: what the socket alone costs through the SDK). `#` lines give min-max
+and the CPU seconds this process spent (all its threads; `docker cp`'s own CPU is not counted),
+which vary far less than wall time when other work loads the machine.
 
 Usage: .venv/bin/python bench/bench_copy_out.py [--runs N] [--mb N]
 Every Docker object carries `org.jr.bench=<uuid>` and is removed at the end, even on failure.
@@ -34,7 +34,7 @@ from benchlib import report
 from workloads import HELPER_IMAGE, Labels, check_images, docker, note
 
 from jobrunner_lib import docker as jr_docker
-from jobrunner_lib import extract, tarstream
+from jobrunner_lib import docker_files, extract, tarstream
 
 
 def old_copy_file_out(container: str, path: str, dest: Path) -> int:
@@ -100,7 +100,7 @@ def main() -> None:
             )
 
         def copy_jr() -> None:
-            written = jr_docker.copy_file_out(
+            written = docker_files.copy_file_out(
                 name, path, dest, progress=tarstream.Progress(), stall_timeout=60
             )
             assert written == size

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import docker, extract, tarstream
+from . import docker, docker_files, extract, tarstream
 
 # A directory archive pays off from a handful of files (each single copy costs a Docker call).
 DIRECTORY_MIN_FILES = 8
@@ -126,7 +126,7 @@ def copy_outputs(
     for path in single:
         starting(path)
         first, *others = destinations[path]
-        docker.copy_file_out(
+        docker_files.copy_file_out(
             helper,
             f"{docker.WORKSPACE}/{path}",
             first,
@@ -149,7 +149,7 @@ def _copy_directory(
     what = f"copy of {source} out of {helper}"
 
     def call() -> tuple[set[str], set[str]]:
-        # docker.py's own error translation and hang guard, as for single-file copies.
+        # docker.py's own error translation and docker_files.py's hang guard, as for single files.
         with docker.calls(what):
             stream, _stat = docker.client().api.get_archive(
                 helper, source, chunk_size=tarstream.CHUNK
@@ -160,4 +160,4 @@ def _copy_directory(
             finally:
                 getattr(stream, "close", lambda: None)()
 
-    return docker.guarded(call, helper, progress, stall_timeout, what)
+    return docker_files.guarded(call, helper, progress, stall_timeout, what)

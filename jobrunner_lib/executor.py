@@ -20,7 +20,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from . import docker, extract, git, tarstream
+from . import docker, docker_files, extract, git, tarstream
 from .config import Config
 from .db import job_from_row
 from .docker import JobError
@@ -241,7 +241,7 @@ class LocalDockerExecutor(Executor):
         docker.remove_container(docker.helper_name(job.id))
         docker.remove_volume(docker.volume_name(job.id))
         docker.create_volume(docker.volume_name(job.id), docker.labels(self.config.backend, job.id))
-        helper = docker.create_helper(self.config, job.id)
+        helper = docker_files.create_helper(self.config, job.id)
 
         repo_url = job.action_repo_url or job.repo_url
         commit = job.action_commit or job.commit or ""
@@ -258,7 +258,7 @@ class LocalDockerExecutor(Executor):
         except git.GitError as exc:
             raise JobError(str(exc)) from exc
         try:
-            docker.put_archive(
+            docker_files.put_archive(
                 helper,
                 "/",
                 self._volume_tar(job, repo_url, commit, code, inputs),

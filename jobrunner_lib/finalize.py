@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import copyout, docker, extract, outputs, tarstream
+from . import copyout, docker, docker_files, extract, outputs, tarstream
 from .docker import JobError
 from .models import Job, Msg, State, StatusCode, iso, now
 
@@ -214,12 +214,12 @@ def declared_files(job: Job) -> list[tarstream.VolumeFile] | None:
         {"/".join(p.split("/")[:depth]) for p in patterns for depth in range(1, p.count("/") + 1)}
     )
     for directory in directories:
-        stat = docker.stat_path(helper, f"{docker.WORKSPACE}/{directory}")
+        stat = docker_files.stat_path(helper, f"{docker.WORKSPACE}/{directory}")
         if stat is None or not stat.is_dir:
             return None
     files = []
     for path in patterns:
-        stat = docker.stat_path(helper, f"{docker.WORKSPACE}/{path}")
+        stat = docker_files.stat_path(helper, f"{docker.WORKSPACE}/{path}")
         if stat is None or not stat.is_file:
             return None
         files.append(tarstream.VolumeFile(path, stat.size, 0))
@@ -247,7 +247,7 @@ def finalize_job(executor: LocalDockerExecutor, job: Job) -> FinalResult:
     destinations: dict[str, list[Path]] = {}
     high, medium = executor.high_workspace(job.workspace), executor.medium_workspace(job.workspace)
     if not job.cancelled:  # a cancelled job's files are never looked at
-        files = declared_files(job) or docker.list_volume_files(config, job.id)
+        files = declared_files(job) or docker_files.list_volume_files(config, job.id)
         marker = next((f for f in files if f.path == docker.MARKER), None)
         candidates = []
         unsafe = []

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import db, docker, tarstream
+from jobrunner_lib import db, docker, docker_files, tarstream
 from jobrunner_lib.config import CHECKOUT_DIR, Config, load_config
 from jobrunner_lib.executor import ExecutorState, LocalDockerExecutor
 from jobrunner_lib.models import Job, Msg, State, StatusCode, now, transition
@@ -503,13 +503,13 @@ def test_symlink_output_to_host_file_does_not_leak(config, jobs):
 def counting_listings(monkeypatch) -> list[str]:
     """Record each run of the volume-listing helper (it still runs)."""
     listed: list[str] = []
-    real = docker.list_volume_files
+    real = docker_files.list_volume_files
 
     def listing(config, job_id):
         listed.append(job_id)
         return real(config, job_id)
 
-    monkeypatch.setattr(docker, "list_volume_files", listing)
+    monkeypatch.setattr(docker_files, "list_volume_files", listing)
     return listed
 
 
