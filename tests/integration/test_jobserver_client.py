@@ -200,7 +200,8 @@ def test_a_persistent_fault_raises_unavailable_within_the_time_limit(fake_jobser
                 slow_client.fetch_job_requests()
             else:
                 slow_client.post_jobs([wire_job(request["identifier"], 1)])
-    assert time.monotonic() - started < 1.0 + 0.5
+    # Far below the 10 s reply it cut short; the slack is for a loaded machine.
+    assert time.monotonic() - started < 1.0 + 3.0
     assert excinfo.value.exit_code == 75
     assert_no_token(excinfo.value)
 
@@ -214,8 +215,8 @@ def test_slow_pages_stop_at_the_overall_limit_between_pages(fake_jobserver):
     with make_client(fake_jobserver, total_limit=1.0) as slow_client:
         with pytest.raises(JobServerUnavailable):
             slow_client.fetch_job_requests()
-    assert time.monotonic() - started < 1.5
-    assert len(fake_jobserver.calls) <= 3
+    assert time.monotonic() - started < 1.0 + 3.0  # slack for a loaded machine
+    assert len(fake_jobserver.calls) <= 3  # the limit, not the last page, ended it
 
 
 def test_an_unreachable_server_raises_unavailable(fake_jobserver):

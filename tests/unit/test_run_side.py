@@ -76,7 +76,7 @@ def test_guard_abandons_a_copy_that_stops_moving():
     started = time.monotonic()
     with pytest.raises(tarstream.CopyStalled):
         tarstream.run_guarded(lambda: release.wait(10), progress, 0.3, "copy")
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 5  # far below the 10 s the copy would have taken
     assert progress.abandoned.is_set()
     release.set()
     with pytest.raises(tarstream.CopyStalled):
