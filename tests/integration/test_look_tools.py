@@ -24,7 +24,8 @@ from jobrunner_lib.models import Job, State, StatusCode
 from jobrunner_lib.processes import reap_children, worker_alive
 from jobrunner_lib.run import run_pass
 from tests.support.cli import BIN, run, tool_env
-from tests.support.factories import make_job, make_request
+from tests.support.e2e import wait_for
+from tests.support.factories import insert_job, make_job, make_request
 from tests.support.studies import make_study
 
 pytestmark = pytest.mark.docker
@@ -63,20 +64,6 @@ LOOK_SCRIPTS = {
     "analysis/brief.sh": "mkdir -p output\nfor i in 1 2 3 4; do echo step $i; sleep 0.5; done\n"
     "echo done > output/brief.txt\n",
 }
-
-
-def wait_for(
-    condition: Callable[[], object], timeout: float, what: str, interval: float = 0.2
-) -> object:
-    """Poll until condition() is truthy; fail naming what was awaited."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
 
 
 class Backend:
@@ -309,9 +296,7 @@ def test_ambiguous_fragment_without_a_terminal_exits_4_listing_both(store, tool,
 )
 def test_docker_down_exits_75(store, tool, args):
     workdir, conn = store
-    request = make_request()
-    job = make_job(request, "extract", State.RUNNING, code=StatusCode.EXECUTING, message="Running")
-    db.insert_request(conn, request, [job])
+    job = insert_job(conn, State.RUNNING, StatusCode.EXECUTING, "Running")
     result = run(tool, *[job.id if a == "ID" else a for a in args], workdir=workdir, **DOWN)
     assert result.returncode == 75, result.stderr
     assert "Docker is not available" in result.stderr and result.stdout == ""
@@ -319,15 +304,7 @@ def test_docker_down_exits_75(store, tool, args):
 
 def test_mount_of_a_job_without_a_volume_says_so_in_one_line_and_exits_1(docker_ready, store):
     workdir, conn = store
-    request = make_request()
-    job = make_job(
-        request,
-        "extract",
-        State.SUCCEEDED,
-        code=StatusCode.SUCCEEDED,
-        message="Completed successfully",
-    )
-    db.insert_request(conn, request, [job])
+    job = insert_job(conn, State.SUCCEEDED, StatusCode.SUCCEEDED, "Completed successfully")
     result = run("jr-mount", job.id[:5], "--", "ls", workdir=workdir)
     assert result.returncode == 1
     assert result.stderr == (
@@ -344,15 +321,7 @@ def test_mount_shell_without_a_terminal_is_a_usage_error(docker_ready, backend):
 
 def test_watch_logs_of_a_finished_job_without_log_or_container_exits_1(docker_ready, store):
     workdir, conn = store
-    request = make_request()
-    job = make_job(
-        request,
-        "extract",
-        State.FAILED,
-        code=StatusCode.NONZERO_EXIT,
-        message="Job exited with error code 1",
-    )
-    db.insert_request(conn, request, [job])
+    job = insert_job(conn, State.FAILED, StatusCode.NONZERO_EXIT, "Job exited with error code 1")
     result = run("jr-watch-logs", job.id, workdir=workdir)
     assert result.returncode == 1
     assert result.stderr.startswith(
@@ -362,15 +331,7 @@ def test_watch_logs_of_a_finished_job_without_log_or_container_exits_1(docker_re
 
 def test_watch_logs_finds_a_saved_log_in_another_month_without_docker(store):
     workdir, conn = store
-    request = make_request()
-    job = make_job(
-        request,
-        "extract",
-        State.SUCCEEDED,
-        code=StatusCode.SUCCEEDED,
-        message="Completed successfully",
-    )
-    db.insert_request(conn, request, [job])
+    job = insert_job(conn, State.SUCCEEDED, StatusCode.SUCCEEDED, "Completed successfully")
     logs = workdir / "high_privacy" / "logs" / "2019-01" / f"os-job-{job.id}"
     logs.mkdir(parents=True)
     (logs / "logs.txt").write_text(

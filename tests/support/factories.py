@@ -1,4 +1,4 @@
-"""Small builders for requests and jobs in unit tests (no I/O)."""
+"""Small builders for requests and jobs in tests (no I/O but insert_job's database write)."""
 
 from __future__ import annotations
 
@@ -43,3 +43,13 @@ def make_job(request: JobRequest, action: str, state: State = State.PENDING, **k
         )
         return transition(job, State.RUNNING, code, message, at=at)
     return new_job(job_id(request.id, action), request, action, state, code, message, at=at, **kw)
+
+
+def insert_job(conn, state: State, code: StatusCode, message: str, action: str = "extract") -> Job:
+    """One job of a new request, in that state, written to the store behind conn."""
+    from jobrunner_lib import db
+
+    request = make_request()
+    job = make_job(request, action, state, code=code, message=message)
+    db.insert_request(conn, request, [job])
+    return job

@@ -22,7 +22,7 @@ from jobrunner_lib import db, docker
 from jobrunner_lib.models import State, StatusCode
 from tests.integration.test_look_tools import Backend, ambiguous_jobs
 from tests.support.cli import BIN, ROOT, tool_env
-from tests.support.factories import make_job, make_request
+from tests.support.factories import insert_job
 
 pytestmark = pytest.mark.skipif(
     shutil.which("tmux") is None,
@@ -175,15 +175,7 @@ def test_kill_of_an_ambiguous_fragment_picks_then_confirms_on_the_terminal(store
 
 def test_tab_completes_a_job_id_from_three_characters(store, terminal):
     _, conn = store
-    request = make_request()
-    job = make_job(
-        request,
-        "extract",
-        State.SUCCEEDED,
-        code=StatusCode.SUCCEEDED,
-        message="Completed successfully",
-    )
-    db.insert_request(conn, request, [job])
+    job = insert_job(conn, State.SUCCEEDED, StatusCode.SUCCEEDED, "Completed successfully")
     assert terminal.exit_code(terminal.run(f"source {ROOT / 'completions' / 'jr.bash'}")) == 0
     terminal.type(f"jr-ls {job.id[5:8]}")
     terminal.keys("Tab")
