@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import db, git
+from . import db, git, git_repos
 from .config import Config
 from .ids import job_id
 from .models import ERROR_ACTION, RUN_ALL, Job, JobRequest, Msg, State, StatusCode, new_job
@@ -140,7 +140,7 @@ def _error_job(request: JobRequest, message: str) -> Job:
 def load_project(config: Config, request: JobRequest) -> tuple[Pipeline, Path]:
     """Fetch the request's commit and parse its project.yaml (raises GitError/ProjectValidationError)."""
     repo_dir = fetch(config, request.repo_url, request.commit or "")
-    text = git.read_file(repo_dir, request.commit or "", "project.yaml")
+    text = git_repos.read_file(repo_dir, request.commit or "", "project.yaml")
     if text is None:
         raise JobRequestError(f"No project.yaml file found in {request.repo_url}")
     return load_pipeline(text, "project.yaml"), repo_dir
@@ -156,7 +156,7 @@ def fetch(config: Config, repo_url: str, commit: str) -> Path:
     """ensure_commit with this backend's credentials and proxy."""
     if not re.fullmatch(r"[0-9a-f]{40}", commit or ""):
         raise JobRequestError(f"Commit {commit!r} is not a full 40-character sha")
-    return git.ensure_commit(
+    return git_repos.ensure_commit(
         repo_url, commit, repos_dir=config.repos_dir, **git_access(config, repo_url)
     )
 
@@ -166,7 +166,7 @@ def plan_jobs(config: Config, conn: sqlite3.Connection, request: JobRequest) -> 
     validate_request(config, request)
     pipeline, _repo_dir = load_project(config, request)
     if not is_local_repo(request.repo_url) and request.branch:
-        if not git.commit_reachable_from(
+        if not git_repos.commit_reachable_from(
             request.repo_url,
             request.commit or "",
             request.branch,
@@ -298,9 +298,9 @@ def resolve_reusable_action(
     repo_url = f"{config.actions_base_url}/{image}"
     access = git_access(config, repo_url)
     try:
-        commit = git.tag_commit(repo_url, tag, **access)
+        commit = git_repos.tag_commit(repo_url, tag, **access)
         repo_dir = fetch(config, repo_url, commit)
-        on_main = git.commit_reachable_from(
+        on_main = git_repos.commit_reachable_from(
             repo_url, commit, "main", repos_dir=config.repos_dir, **access
         )
     except git.GitNetworkError:
@@ -312,7 +312,7 @@ def resolve_reusable_action(
         ) from None
     if not on_main:
         raise ReusableActionError(f"{where}: tag {tag} has not been merged into the main branch")
-    text = git.read_file(repo_dir, commit, "action.yaml")
+    text = git_repos.read_file(repo_dir, commit, "action.yaml")
     if text is None:
         raise ReusableActionError(f"{where}: there is no action.yaml in {repo_url} at {tag}")
     import yaml

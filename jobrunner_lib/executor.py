@@ -20,7 +20,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from . import docker, docker_files, extract, git, tarstream
+from . import docker, docker_files, extract, git, git_repos, tarstream
 from .config import Config
 from .db import job_from_row
 from .docker import JobError
@@ -246,7 +246,7 @@ class LocalDockerExecutor(Executor):
         repo_url = job.action_repo_url or job.repo_url
         commit = job.action_commit or job.commit or ""
         try:
-            repo_dir = git.ensure_commit(
+            repo_dir = git_repos.ensure_commit(
                 repo_url,
                 commit,
                 repos_dir=self.config.repos_dir,
@@ -254,7 +254,7 @@ class LocalDockerExecutor(Executor):
                 backend=self.config.backend,
                 proxy_host=self.config.git_proxy_host,
             )
-            code = git.archive(repo_dir, commit)
+            code = git_repos.archive(repo_dir, commit)
         except git.GitError as exc:
             raise JobError(str(exc)) from exc
         try:

@@ -9,7 +9,7 @@ import re
 import time
 from pathlib import Path
 
-from .. import git
+from .. import git, git_repos
 from ..create_jobs import (
     JobRequestError,
     RetryLater,
@@ -80,7 +80,7 @@ class AddJob(Tool):
         repo_url = self.repo_url(args.repo)
         branch = args.branch or "HEAD"
         try:
-            commit = args.commit or git.resolve_ref(
+            commit = args.commit or git_repos.resolve_ref(
                 repo_url, branch, **git_access(config, repo_url)
             )
         except git.GitNetworkError as exc:

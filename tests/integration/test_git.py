@@ -1,4 +1,4 @@
-"""jobrunner_lib.git against real git and real repos made here, with both process runners."""
+"""git.py and git_repos.py against real git and real repos made here, with both process runners."""
 
 import base64
 import http.server
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import git
+from jobrunner_lib import git, git_repos
 
 TOKEN = "tok-SECRET-0123456789abcdef"
 MISSING_SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -110,7 +110,7 @@ def closed_port() -> int:
 
 def test_ensure_commit_fetches_only_that_commits_objects(study, tmp_path):
     commit = sha(study, "main~7")
-    repo = git.ensure_commit(str(study), commit, repos_dir=tmp_path / "repos")
+    repo = git_repos.ensure_commit(str(study), commit, repos_dir=tmp_path / "repos")
 
     assert repo == tmp_path / "repos" / "study.git"
     assert objects_in(repo) == objects_of_one_commit(study, commit)
@@ -125,30 +125,30 @@ def test_fetched_commit_needs_no_remote(study, tmp_path):
     shutil.copytree(study, remote)
     commit = sha(remote, "feature")
     repos = tmp_path / "repos"
-    repo = git.ensure_commit(str(remote), commit, repos_dir=repos)
+    repo = git_repos.ensure_commit(str(remote), commit, repos_dir=repos)
     shutil.rmtree(remote)
 
-    assert git.ensure_commit(str(remote), commit, repos_dir=repos) == repo
+    assert git_repos.ensure_commit(str(remote), commit, repos_dir=repos) == repo
     with pytest.raises(git.GitError):  # proof that the remote really is gone
-        git.ensure_commit(str(remote), sha(study, "other"), repos_dir=repos)
+        git_repos.ensure_commit(str(remote), sha(study, "other"), repos_dir=repos)
 
 
 def test_file_urls_and_relative_paths_share_one_bare_repo(study, tmp_path, monkeypatch):
     monkeypatch.chdir(study.parent)
     repos = tmp_path / "repos"
     first, second = sha(study, "main"), sha(study, "other~2")
-    repo = git.ensure_commit(study.as_uri(), first, repos_dir=repos)
-    assert git.ensure_commit("./study", second, repos_dir=repos) == repo
-    assert git.read_file(repo, first, "project.yaml") == b"version: '3.0'\n# 30\n"
-    assert git.read_file(repo, second, "other/48.txt") == b"o\n"
+    repo = git_repos.ensure_commit(study.as_uri(), first, repos_dir=repos)
+    assert git_repos.ensure_commit("./study", second, repos_dir=repos) == repo
+    assert git_repos.read_file(repo, first, "project.yaml") == b"version: '3.0'\n# 30\n"
+    assert git_repos.read_file(repo, second, "other/48.txt") == b"o\n"
 
 
 def test_two_processes_fetching_the_same_repo_both_succeed(study, tmp_path, backend):
     commit = sha(study, "main~3")
     script = (
-        "import sys; from pathlib import Path; from jobrunner_lib import git; "
+        "import sys; from pathlib import Path; from jobrunner_lib import git, git_repos; "
         f"git._USE_SH = {backend == 'sh'}; "
-        "print(git.ensure_commit(sys.argv[1], sys.argv[2], repos_dir=Path(sys.argv[3])))"
+        "print(git_repos.ensure_commit(sys.argv[1], sys.argv[2], repos_dir=Path(sys.argv[3])))"
     )
     env = dict(os.environ, PYTHONPATH=str(Path(git.__file__).parents[1]))
     procs = [
@@ -164,25 +164,28 @@ def test_two_processes_fetching_the_same_repo_both_succeed(study, tmp_path, back
 
     assert [p.returncode for p in procs] == [0, 0], results
     assert {out.strip() for out, _ in results} == {str(tmp_path / "repos" / "study.git").encode()}
-    assert git.read_file(tmp_path / "repos" / "study.git", commit, "analysis/step3.py") == b"27\n"
+    assert (
+        git_repos.read_file(tmp_path / "repos" / "study.git", commit, "analysis/step3.py")
+        == b"27\n"
+    )
 
 
 def test_threads_fetching_different_commits_of_one_repo_all_succeed(study, tmp_path):
     commits = [sha(study, rev) for rev in ("main", "main~1", "feature", "other", "other~4")]
     with ThreadPoolExecutor(len(commits)) as pool:
         repos = set(
-            pool.map(lambda c: git.ensure_commit(str(study), c, repos_dir=tmp_path), commits)
+            pool.map(lambda c: git_repos.ensure_commit(str(study), c, repos_dir=tmp_path), commits)
         )
     (repo,) = repos
     for commit in commits:
-        assert git.read_file(repo, commit, "project.yaml") is not None
+        assert git_repos.read_file(repo, commit, "project.yaml") is not None
 
 
 def test_unknown_commit_raises_git_error_without_retrying(study, tmp_path, monkeypatch):
     sleeps = []
-    monkeypatch.setattr(git, "_sleep", sleeps.append)
+    monkeypatch.setattr(git_repos, "_sleep", sleeps.append)
     with pytest.raises(git.GitError) as exc:
-        git.ensure_commit(str(study), MISSING_SHA, repos_dir=tmp_path)
+        git_repos.ensure_commit(str(study), MISSING_SHA, repos_dir=tmp_path)
     assert not isinstance(exc.value, git.GitNetworkError)
     assert str(exc.value) == f"Error fetching commit {MISSING_SHA} from {study}"
     assert sleeps == []
@@ -191,16 +194,16 @@ def test_unknown_commit_raises_git_error_without_retrying(study, tmp_path, monke
 def test_missing_repo_path_raises_git_error(tmp_path):
     url = str(tmp_path / "no-such-repo")
     with pytest.raises(git.GitError) as exc:
-        git.ensure_commit(url, MISSING_SHA, repos_dir=tmp_path / "repos", retry_delay=0)
+        git_repos.ensure_commit(url, MISSING_SHA, repos_dir=tmp_path / "repos", retry_delay=0)
     assert not isinstance(exc.value, git.GitNetworkError)
     assert str(exc.value) == f"Error fetching commit {MISSING_SHA} from {url}"
 
 
 def test_partial_sha_is_refused(study, tmp_path):
     with pytest.raises(git.GitError, match="not a full commit SHA"):
-        git.ensure_commit(str(study), sha(study, "main")[:12], repos_dir=tmp_path)
+        git_repos.ensure_commit(str(study), sha(study, "main")[:12], repos_dir=tmp_path)
     with pytest.raises(git.GitError, match="not a full commit SHA"):
-        git.ensure_commit(str(study), "--upload-pack=false", repos_dir=tmp_path)
+        git_repos.ensure_commit(str(study), "--upload-pack=false", repos_dir=tmp_path)
 
 
 @pytest.mark.parametrize("scheme", ["git", "http"])
@@ -208,10 +211,10 @@ def test_unreachable_host_raises_network_error_after_backed_off_retries(
     tmp_path, monkeypatch, scheme
 ):
     sleeps = []
-    monkeypatch.setattr(git, "_sleep", sleeps.append)
+    monkeypatch.setattr(git_repos, "_sleep", sleeps.append)
     url = f"{scheme}://127.0.0.1:{closed_port()}/opensafely/study"
     with pytest.raises(git.GitNetworkError) as exc:
-        git.ensure_commit(url, MISSING_SHA, repos_dir=tmp_path, retry_delay=4)
+        git_repos.ensure_commit(url, MISSING_SHA, repos_dir=tmp_path, retry_delay=4)
     assert str(exc.value).startswith(f"Error fetching commit {MISSING_SHA} from {url}")
     assert sleeps == [4, 8, 16, 32]  # 5 attempts
 
@@ -220,18 +223,18 @@ def test_token_never_appears_in_errors_logs_or_command_lines(tmp_path, monkeypat
     caplog.set_level(logging.DEBUG)
     argvs = []
     real_git = git._git
-    monkeypatch.setattr(git, "_git", lambda *a, **kw: argvs.append(a) or real_git(*a, **kw))
+    monkeypatch.setattr(git_repos, "_git", lambda *a, **kw: argvs.append(a) or real_git(*a, **kw))
     proxy = f"127.0.0.1:{closed_port()}"  # https to a closed port, so the token is in play
     url = "https://github.com/opensafely/private-study"
     secrets = [TOKEN, base64.b64encode(f"jobrunner-tpp:{TOKEN}".encode()).decode()]
 
     errors = []
     for call in (
-        lambda: git.ensure_commit(
+        lambda: git_repos.ensure_commit(
             url, MISSING_SHA, repos_dir=tmp_path, token=TOKEN, backend="tpp", proxy_host=proxy,
             retry_delay=0,
         ),
-        lambda: git.resolve_ref(url, "main", token=TOKEN, backend="tpp", proxy_host=proxy, retry_delay=0),
+        lambda: git_repos.resolve_ref(url, "main", token=TOKEN, backend="tpp", proxy_host=proxy, retry_delay=0),
     ):  # fmt: skip
         with pytest.raises(git.GitNetworkError) as exc:
             call()
@@ -274,7 +277,7 @@ def http_server():
 
 def test_token_reaches_only_the_host_it_is_scoped_to(http_server):
     port, seen = http_server
-    env = git._header_env(f"http://127.0.0.1:{port}/", "jobrunner-tpp", TOKEN)
+    env = git_repos._header_env(f"http://127.0.0.1:{port}/", "jobrunner-tpp", TOKEN)
     git._git("ls-remote", f"http://127.0.0.1:{port}/opensafely/study", env=env)
     git._git("ls-remote", f"http://localhost:{port}/opensafely/study", env=env)
 
@@ -291,31 +294,31 @@ def test_auth_challenge_fails_without_prompting(http_server, tmp_path, monkeypat
     monkeypatch.setenv("SSH_ASKPASS", "echo")
     url = f"http://127.0.0.1:{port}/opensafely/private-study"
     with pytest.raises(git.GitError) as exc:
-        git.ensure_commit(url, MISSING_SHA, repos_dir=tmp_path, retry_delay=0)
+        git_repos.ensure_commit(url, MISSING_SHA, repos_dir=tmp_path, retry_delay=0)
     assert not isinstance(exc.value, git.GitNetworkError)
     assert seen and {auth for _, auth in seen} == {None}
 
 
 def test_read_file_at_a_commit(study, tmp_path):
     old, new = sha(study, "main~20"), sha(study, "feature")
-    repo = git.ensure_commit(str(study), old, repos_dir=tmp_path)
-    git.ensure_commit(str(study), new, repos_dir=tmp_path)
+    repo = git_repos.ensure_commit(str(study), old, repos_dir=tmp_path)
+    git_repos.ensure_commit(str(study), new, repos_dir=tmp_path)
 
-    assert git.read_file(repo, old, "project.yaml") == b"version: '3.0'\n# 10\n"
-    assert git.read_file(repo, new, "feature/40.txt") == b"f\n"
-    assert git.read_file(repo, old, "feature/40.txt") is None  # not at that commit
-    assert git.read_file(repo, old, "analysis") is None  # a directory
-    assert git.read_file(repo, old, "--help") is None
+    assert git_repos.read_file(repo, old, "project.yaml") == b"version: '3.0'\n# 10\n"
+    assert git_repos.read_file(repo, new, "feature/40.txt") == b"f\n"
+    assert git_repos.read_file(repo, old, "feature/40.txt") is None  # not at that commit
+    assert git_repos.read_file(repo, old, "analysis") is None  # a directory
+    assert git_repos.read_file(repo, old, "--help") is None
     with pytest.raises(git.GitError, match="is not in"):
-        git.read_file(repo, sha(study, "other"), "project.yaml")
+        git_repos.read_file(repo, sha(study, "other"), "project.yaml")
 
 
 def test_archive_contains_exactly_the_tree(study, tmp_path):
     commit = sha(study, "feature~2")
-    repo = git.ensure_commit(str(study), commit, repos_dir=tmp_path)
+    repo = git_repos.ensure_commit(str(study), commit, repos_dir=tmp_path)
     files = set(run("ls-tree", "-r", "--name-only", commit, cwd=study).split())
 
-    with git.archive(repo, commit) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+    with git_repos.archive(repo, commit) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         members = {}
         for member in tar:
             if member.isfile():
@@ -344,9 +347,9 @@ def git_children() -> set[int]:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_archive_closed_early_reaps_git(study, tmp_path):
     commit = sha(study, "main")
-    repo = git.ensure_commit(str(study), commit, repos_dir=tmp_path)
+    repo = git_repos.ensure_commit(str(study), commit, repos_dir=tmp_path)
     before = git_children()
-    stream = git.archive(repo, commit)
+    stream = git_repos.archive(repo, commit)
     assert len(stream.read(10)) == 10
     running = git_children() - before
     assert running  # blocked writing the rest of a tar bigger than the pipe buffer
@@ -355,57 +358,57 @@ def test_archive_closed_early_reaps_git(study, tmp_path):
 
 
 def test_stream_raises_when_git_fails(study, tmp_path):
-    repo = git.ensure_commit(str(study), sha(study, "main"), repos_dir=tmp_path)
+    repo = git_repos.ensure_commit(str(study), sha(study, "main"), repos_dir=tmp_path)
     with git._git_stream(f"--git-dir={repo}", "archive", MISSING_SHA) as stream:
         with pytest.raises(git.GitError, match="git exited with 128: fatal: not a tree object"):
             stream.read()
 
 
 def test_archive_of_absent_commit_raises(study, tmp_path):
-    repo = git.ensure_commit(str(study), sha(study, "main"), repos_dir=tmp_path)
+    repo = git_repos.ensure_commit(str(study), sha(study, "main"), repos_dir=tmp_path)
     with pytest.raises(git.GitError):
-        git.archive(repo, sha(study, "main~1"))
+        git_repos.archive(repo, sha(study, "main~1"))
 
 
 def test_resolve_ref_finds_branches_and_tags(study):
     url = str(study)
-    assert git.resolve_ref(url, "main") == sha(study, "main")
-    assert git.resolve_ref(url, "feature") == sha(study, "feature")
-    assert git.resolve_ref(url, "v1.0") == sha(study, "main~5")  # annotated, peeled
-    assert git.resolve_ref(url, "light") == sha(study, "main~15")
+    assert git_repos.resolve_ref(url, "main") == sha(study, "main")
+    assert git_repos.resolve_ref(url, "feature") == sha(study, "feature")
+    assert git_repos.resolve_ref(url, "v1.0") == sha(study, "main~5")  # annotated, peeled
+    assert git_repos.resolve_ref(url, "light") == sha(study, "main~15")
     with pytest.raises(git.GitError, match="Could not find ref 'nope'"):
-        git.resolve_ref(url, "nope")
+        git_repos.resolve_ref(url, "nope")
 
 
 def test_resolve_ref_of_missing_repo_raises(tmp_path):
     with pytest.raises(git.GitError, match="Could not read from"):
-        git.resolve_ref(str(tmp_path / "nope"), "main", retry_delay=0)
+        git_repos.resolve_ref(str(tmp_path / "nope"), "main", retry_delay=0)
 
 
 def test_tag_commit_resolves_tags_only(study):
-    assert git.tag_commit(str(study), "v1.0") == sha(study, "main~5")
-    assert git.tag_commit(str(study), "light", repos_dir=None) == sha(study, "main~15")
+    assert git_repos.tag_commit(str(study), "v1.0") == sha(study, "main~5")
+    assert git_repos.tag_commit(str(study), "light", repos_dir=None) == sha(study, "main~15")
     with pytest.raises(git.GitError, match="Could not find tag 'main'"):
-        git.tag_commit(str(study), "main")
+        git_repos.tag_commit(str(study), "main")
 
 
 def test_commit_reachable_from_branch(study, tmp_path):
     url, repos = str(study), tmp_path / "repos"
     # a shallow copy of an old commit must not hide its place in history
-    git.ensure_commit(url, sha(study, "main~25"), repos_dir=repos)
+    git_repos.ensure_commit(url, sha(study, "main~25"), repos_dir=repos)
 
-    assert git.commit_reachable_from(url, sha(study, "main"), "main", repos_dir=repos)
-    assert git.commit_reachable_from(url, sha(study, "main~3"), "main", repos_dir=repos)
-    assert git.commit_reachable_from(url, sha(study, "main~25"), "main", repos_dir=repos)
-    assert not git.commit_reachable_from(url, sha(study, "feature"), "main", repos_dir=repos)
-    assert git.commit_reachable_from(url, sha(study, "main~15"), "feature", repos_dir=repos)
+    assert git_repos.commit_reachable_from(url, sha(study, "main"), "main", repos_dir=repos)
+    assert git_repos.commit_reachable_from(url, sha(study, "main~3"), "main", repos_dir=repos)
+    assert git_repos.commit_reachable_from(url, sha(study, "main~25"), "main", repos_dir=repos)
+    assert not git_repos.commit_reachable_from(url, sha(study, "feature"), "main", repos_dir=repos)
+    assert git_repos.commit_reachable_from(url, sha(study, "main~15"), "feature", repos_dir=repos)
     with pytest.raises(git.GitError, match="Could not find branch 'nope'"):
-        git.commit_reachable_from(url, sha(study, "main"), "nope", repos_dir=repos)
+        git_repos.commit_reachable_from(url, sha(study, "main"), "nope", repos_dir=repos)
 
 
 def test_commit_reachable_from_fetches_only_that_branch(study, tmp_path):
     url = str(study)
-    assert not git.commit_reachable_from(url, MISSING_SHA, "main", repos_dir=tmp_path)
+    assert not git_repos.commit_reachable_from(url, MISSING_SHA, "main", repos_dir=tmp_path)
     repo = tmp_path / "study.git"
     main_history = set(run("rev-list", "main", cwd=study).split())
     assert set(run("rev-list", "--all", cwd=repo).split()) == main_history
@@ -415,16 +418,16 @@ def test_falls_back_to_subprocess_when_sh_cannot_import(study, tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "sh", None)  # what Windows looks like
     monkeypatch.setattr(git, "_USE_SH", None)
     commit = sha(study, "main")
-    repo = git.ensure_commit(str(study), commit, repos_dir=tmp_path)
+    repo = git_repos.ensure_commit(str(study), commit, repos_dir=tmp_path)
     assert git._USE_SH is False
-    assert git.read_file(repo, commit, "secret.txt") == b"kept\n"
+    assert git_repos.read_file(repo, commit, "secret.txt") == b"kept\n"
 
 
 def test_inherited_git_dir_does_not_redirect_commands(study, tmp_path, monkeypatch):
     monkeypatch.setenv("GIT_DIR", str(study / ".git"))  # as inside a git hook
     commit = sha(study, "other")
-    repo = git.ensure_commit(str(study), commit, repos_dir=tmp_path)
-    assert git.read_file(repo, commit, "other/50.txt") == b"o\n"
+    repo = git_repos.ensure_commit(str(study), commit, repos_dir=tmp_path)
+    assert git_repos.read_file(repo, commit, "other/50.txt") == b"o\n"
     assert "fetched/" not in run("tag", cwd=study)
 
 
@@ -432,24 +435,24 @@ def test_a_fetched_commit_is_archived_with_one_git_process_packed_marker_or_not(
     study, tmp_path, monkeypatch
 ):
     commit = sha(study, "main~2")
-    repo = git.ensure_commit(str(study), commit, repos_dir=tmp_path / "repos")
-    expected = tarfile.open(fileobj=git.archive(repo, commit), mode="r|").getnames()
+    repo = git_repos.ensure_commit(str(study), commit, repos_dir=tmp_path / "repos")
+    expected = tarfile.open(fileobj=git_repos.archive(repo, commit), mode="r|").getnames()
     calls: list[tuple[str, ...]] = []
-    real = git._repo_git
+    real = git_repos._repo_git
 
     def counting(repo_dir, *args, **kwargs):
         calls.append(args)
         return real(repo_dir, *args, **kwargs)
 
-    monkeypatch.setattr(git, "_repo_git", counting)
-    assert git.ensure_commit(str(study), commit, repos_dir=tmp_path / "repos") == repo
-    with git.archive(repo, commit) as stream:
+    monkeypatch.setattr(git_repos, "_repo_git", counting)
+    assert git_repos.ensure_commit(str(study), commit, repos_dir=tmp_path / "repos") == repo
+    with git_repos.archive(repo, commit) as stream:
         assert tarfile.open(fileobj=stream, mode="r|").getnames() == expected
     assert calls == []  # only `git archive` itself ran: the marker is a loose ref file
 
     run("pack-refs", "--all", cwd=repo)  # a gc packs the marker: git is asked instead
     assert not (repo / "refs/tags/fetched" / commit).exists()
-    assert git.ensure_commit(str(study), commit, repos_dir=tmp_path / "repos") == repo
-    with git.archive(repo, commit) as stream:
+    assert git_repos.ensure_commit(str(study), commit, repos_dir=tmp_path / "repos") == repo
+    with git_repos.archive(repo, commit) as stream:
         assert tarfile.open(fileobj=stream, mode="r|").getnames() == expected
     assert [args[0] for args in calls] == ["rev-parse", "cat-file"]

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobrunner_lib import git
+from jobrunner_lib import git, git_repos
 
 PROXY = "github-proxy.opensafely.org"
 
@@ -26,18 +26,18 @@ PROXY = "github-proxy.opensafely.org"
     ],
 )
 def test_repo_name_is_last_segment_without_dot_git(url, name):
-    assert git.repo_name(url) == name
+    assert git_repos.repo_name(url) == name
 
 
 @pytest.mark.parametrize("url", ["", "/", "https://github.com/..", "."])
 def test_repo_name_rejects_urls_without_a_name(url):
     with pytest.raises(git.GitError):
-        git.repo_name(url)
+        git_repos.repo_name(url)
 
 
 def test_fetch_url_sends_github_https_through_the_proxy():
     assert (
-        git.fetch_url("https://github.com/opensafely/study", PROXY)
+        git_repos.fetch_url("https://github.com/opensafely/study", PROXY)
         == f"https://{PROXY}/opensafely/study"
     )
 
@@ -53,23 +53,23 @@ def test_fetch_url_sends_github_https_through_the_proxy():
     ],
 )
 def test_fetch_url_leaves_other_urls_alone(url):
-    assert git.fetch_url(url, PROXY) == url
+    assert git_repos.fetch_url(url, PROXY) == url
 
 
 def test_fetch_url_without_proxy_is_unchanged():
     url = "https://github.com/opensafely/study"
-    assert git.fetch_url(url, None) == url
+    assert git_repos.fetch_url(url, None) == url
 
 
 def test_fetch_url_makes_local_paths_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert Path(git.fetch_url("./study", PROXY)) == (tmp_path / "study").resolve()
-    assert os.path.isabs(git.fetch_url("study", None))
+    assert Path(git_repos.fetch_url("./study", PROXY)) == (tmp_path / "study").resolve()
+    assert os.path.isabs(git_repos.fetch_url("study", None))
 
 
 def test_auth_env_scopes_basic_auth_header_to_the_proxy():
-    url = git.fetch_url("https://github.com/opensafely/study", PROXY)
-    env = git._auth_env(url, "tok123", "tpp", PROXY)
+    url = git_repos.fetch_url("https://github.com/opensafely/study", PROXY)
+    env = git_repos._auth_env(url, "tok123", "tpp", PROXY)
     assert env["GIT_CONFIG_COUNT"] == "1"
     assert env["GIT_CONFIG_KEY_0"] == f"http.https://{PROXY}/.extraHeader"
     scheme, value = env["GIT_CONFIG_VALUE_0"].removeprefix("Authorization: ").split()
@@ -89,7 +89,7 @@ def test_auth_env_scopes_basic_auth_header_to_the_proxy():
     ],
 )
 def test_auth_env_gives_no_credentials_except_https_to_the_proxy(url, token, proxy):
-    assert git._auth_env(url, token, "tpp", proxy) == {}
+    assert git_repos._auth_env(url, token, "tpp", proxy) == {}
 
 
 def test_mask_hides_token_url_password_and_auth_header():
@@ -131,7 +131,7 @@ def test_mask_never_leaves_the_token(token, before, after):
     ],
 )
 def test_network_trouble_is_recognised(stderr):
-    assert git._NETWORK_ERRORS.search(stderr)
+    assert git_repos._NETWORK_ERRORS.search(stderr)
 
 
 @pytest.mark.parametrize(
@@ -145,4 +145,4 @@ def test_network_trouble_is_recognised(stderr):
     ],
 )
 def test_other_failures_are_not_network_trouble(stderr):
-    assert not git._NETWORK_ERRORS.search(stderr)
+    assert not git_repos._NETWORK_ERRORS.search(stderr)
