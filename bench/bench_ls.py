@@ -12,7 +12,7 @@ from pathlib import Path
 
 from benchlib import ROOT, report, run_cmd, timed, tool_env
 
-from jobrunner_lib import db
+from jobrunner_lib import db, db_queries
 from jobrunner_lib.ids import job_id, new_request_id
 from jobrunner_lib.models import JobRequest, State, StatusCode, new_job
 
@@ -45,7 +45,7 @@ def fill(path: Path, jobs: int) -> str:
             )
             for i in range(10)
         ]
-        db.insert_request(conn, req, batch)
+        db_queries.insert_request(conn, req, batch)
         some = batch[0].id
     return some
 

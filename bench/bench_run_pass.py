@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobrunner_lib import db  # noqa: E402
+from jobrunner_lib import db, db_queries  # noqa: E402
 from jobrunner_lib.config import Config  # noqa: E402
 from jobrunner_lib.models import Job, Msg, State, StatusCode  # noqa: E402
 from jobrunner_lib.run import run_pass  # noqa: E402
@@ -68,9 +68,9 @@ def build(path: Path, finished: int, running: int, now: float) -> None:
         for n in range(running)
     ]
     with db.transaction(conn):
-        db.insert_jobs(conn, jobs)
+        db_queries.insert_jobs(conn, jobs)
     for n in range(running):
-        db.touch(conn, f"r{n:015d}", heartbeat=now)
+        db_queries.touch(conn, f"r{n:015d}", heartbeat=now)
     conn.close()
 
 

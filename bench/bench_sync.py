@@ -16,7 +16,7 @@ from pathlib import Path
 
 from benchlib import ROOT, report, run_cmd, timed, tool_env
 
-from jobrunner_lib import db
+from jobrunner_lib import db, db_queries
 from jobrunner_lib.config import Config, load_config
 from jobrunner_lib.ids import job_id, new_request_id
 from jobrunner_lib.jobserver import JobServerClient
@@ -57,7 +57,7 @@ def fill_active(conn: sqlite3.Connection, server: FakeJobServer) -> None:
             )
             for i in range(JOBS_PER_REQUEST)
         ]
-        db.insert_request(conn, request, jobs)
+        db_queries.insert_request(conn, request, jobs)
 
 
 def fill_history(conn: sqlite3.Connection) -> None:
@@ -79,7 +79,7 @@ def fill_history(conn: sqlite3.Connection) -> None:
                 )
                 for i in range(10)
             ]
-            db.insert_jobs(conn, jobs)
+            db_queries.insert_jobs(conn, jobs)
             conn.executemany(
                 "INSERT INTO job_post VALUES (?, ?, ?)",
                 [(j.id, j.updated_at, j.state.value) for j in jobs],
@@ -113,7 +113,9 @@ def measure(name: str, tmp: Path, server: FakeJobServer, history: bool) -> None:
             config, conn, client, deadline=time.monotonic() + 60
         )  # first pass: all new to the site
         passes = timed(lambda: sync_pass(config, conn, client, deadline=time.monotonic() + 60), 5)
-        wire = [job_to_wire({k: getattr(j, k) for k in WIRE_KEYS}) for j in db.active_jobs(conn)]
+        wire = [
+            job_to_wire({k: getattr(j, k) for k in WIRE_KEYS}) for j in db_queries.active_jobs(conn)
+        ]
         floor = timed(lambda: bare_client_pass(client, wire), 5)
     report(name, passes, floor=floor)
     if not history:

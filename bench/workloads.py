@@ -41,7 +41,7 @@ from pathlib import Path
 
 from benchlib import ROOT, report
 
-from jobrunner_lib import db
+from jobrunner_lib import db, db_queries
 from jobrunner_lib.config import load_config
 from jobrunner_lib.ids import job_id, new_request_id
 from jobrunner_lib.models import JobRequest, Msg, State, StatusCode, new_job
@@ -657,7 +657,7 @@ def seed_producer(workdir: Path, study: Path, sha: str, size: int) -> None:
         outputs={"output/big.bin": "highly_sensitive"},
     )
     conn = db.connect(workdir / "db.sqlite")
-    db.insert_request(conn, request, [job])
+    db_queries.insert_request(conn, request, [job])
     conn.close()
 
 

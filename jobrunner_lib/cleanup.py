@@ -12,7 +12,7 @@ import logging
 import sqlite3
 from collections.abc import Callable
 
-from . import db
+from . import db_queries
 from .config import Config
 from .models import StatusCode, now
 
@@ -26,19 +26,19 @@ KEPT_CODES = frozenset({StatusCode.INTERNAL_ERROR, StatusCode.KILLED_BY_ADMIN})
 
 def owe(conn: sqlite3.Connection, job_id: str) -> None:
     """Note that the job's Docker objects must be removed once it ends."""
-    db.set_flag(conn, PREFIX + job_id, str(now()))
+    db_queries.set_flag(conn, PREFIX + job_id, str(now()))
 
 
 def settled(conn: sqlite3.Connection, job_id: str) -> None:
     """The job owes nothing any more (its objects are gone, or kept on purpose)."""
-    db.set_flag(conn, PREFIX + job_id, None)
+    db_queries.set_flag(conn, PREFIX + job_id, None)
 
 
 def sweep(
     config: Config, conn: sqlite3.Connection, is_alive: Callable[[int, float | None], bool]
 ) -> list[str]:
     """Remove the objects of finished jobs whose worker died before doing so; the job ids cleaned."""
-    owed = db.flags(conn, PREFIX)
+    owed = db_queries.flags(conn, PREFIX)
     if not owed:
         return []
     from . import service  # lazily: only needed when something is owed
@@ -47,7 +47,7 @@ def sweep(
     hung = service.hung_containers(conn)
     cleaned: list[str] = []
     for name in sorted(owed):
-        job = db.get_job(conn, name[len(PREFIX) :])
+        job = db_queries.get_job(conn, name[len(PREFIX) :])
         if job is None:
             settled(conn, name[len(PREFIX) :])
             continue

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import db, git, git_repos
+from . import db_queries, git, git_repos
 from .config import Config
 from .ids import job_id
 from .models import ERROR_ACTION, RUN_ALL, Job, JobRequest, Msg, State, StatusCode, new_job
@@ -99,8 +99,8 @@ def validate_request(config: Config, request: JobRequest) -> None:
 
 def handle_request(config: Config, conn: sqlite3.Connection, request: JobRequest) -> Outcome:
     """Create the request's jobs exactly once; a repeat of the same request creates nothing."""
-    if db.request_exists(conn, request.id):
-        return Outcome(db.jobs_for_request(conn, request.id), created=False)
+    if db_queries.request_exists(conn, request.id):
+        return Outcome(db_queries.jobs_for_request(conn, request.id), created=False)
     try:
         jobs = plan_jobs(config, conn, request)
         error = None
@@ -121,9 +121,9 @@ def record_jobs(
     conn: sqlite3.Connection, request: JobRequest, jobs: list[Job], error: str | None = None
 ) -> None:
     """Write the request and its jobs in one transaction, flag cancelled actions, and log it."""
-    db.insert_request(conn, request, jobs)
+    db_queries.insert_request(conn, request, jobs)
     if request.cancelled_actions:
-        db.set_cancelled(conn, request.id, request.cancelled_actions)
+        db_queries.set_cancelled(conn, request.id, request.cancelled_actions)
     if error:
         log.info("JobRequest failed:\n%s", error, extra={"req": request.id})
     else:
@@ -184,7 +184,7 @@ def plan_jobs(config: Config, conn: sqlite3.Connection, request: JobRequest) -> 
     # run_all means "everything not already done": its actions are not explicitly requested, so
     # succeeded ones are reused and failed ones re-run (the old runner refused, SPEC.md §9.11).
     requested = set() if run_all else set(targets)
-    latest = db.latest_jobs_by_action(conn, request.workspace)
+    latest = db_queries.latest_jobs_by_action(conn, request.workspace)
     decided: dict[str, Job] = {}
     new_jobs: list[Job] = []
     at = None

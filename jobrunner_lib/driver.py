@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from . import cleanup as cleanup_debt
-from . import db, docker, logs, stats
+from . import db_queries, docker, logs, stats
 from .config import Config
 from .docker import BrokenContainerError, DiskFull, DockerUnavailable, JobError
 from .errors import ConflictError
@@ -93,7 +93,7 @@ class Driver:
         try:
             return self._steps()
         except _NotOurs:
-            current = db.get_job(self.conn, self.job.id)
+            current = db_queries.get_job(self.conn, self.job.id)
             log.info(
                 "Job was changed by someone else; leaving it", extra={"job": current or self.job}
             )
@@ -155,7 +155,7 @@ class Driver:
         except BrokenContainerError as exc:
             # The container may hang every call made to it: touch nothing, tell jr-prune.
             log.error(f"Copy stalled, container left alone: {exc}", extra={"job": self.job})
-            db.set_flag(
+            db_queries.set_flag(
                 self.conn, f"hung:{exc.container_name}", f"{self.job.id} {iso(time.time())}"
             )
             return self.finish_early(
@@ -273,7 +273,7 @@ class Driver:
 
     def refresh(self) -> Job:
         """Re-read the job; _NotOurs if it is no longer running."""
-        job = db.get_job(self.conn, self.job.id)
+        job = db_queries.get_job(self.conn, self.job.id)
         if job is None or job.state is not State.RUNNING:
             raise _NotOurs()
         self.job = job
@@ -283,7 +283,7 @@ class Driver:
         """Apply change to the job and save it, re-reading and re-applying after a lost race."""
         for _ in range(20):
             try:
-                self.job = db.save_job(self.conn, change(self.job))
+                self.job = db_queries.save_job(self.conn, change(self.job))
                 return self.job
             except ConflictError:
                 self.refresh()

@@ -22,7 +22,7 @@ from typing import Any
 
 from . import docker, docker_files, extract, git, git_repos, tarstream
 from .config import Config
-from .db import job_from_row
+from .db_queries import job_from_row
 from .docker import JobError
 from .models import Job, State, StatusCode, transition
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
-from . import db
+from . import db_queries
 from .errors import AmbiguousError, NoMatchError, UsageError
 from .models import Job
 
@@ -114,7 +114,7 @@ def resolve(
     """
     chosen: dict[str, Job] = {}
     for frag in fragments:
-        targets = targets_for(frag, db.search_ids(conn, frag))
+        targets = targets_for(frag, db_queries.search_ids(conn, frag))
         if not targets:
             raise NoMatchError(f"No jobs found matching '{frag}'")
         if len(targets) > 1:

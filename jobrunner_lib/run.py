@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import cleanup, db
+from . import cleanup, db, db_queries
 from .config import Config
 from .errors import ConflictError
 from .models import Job, Msg, State, StatusCode, transition
@@ -89,7 +89,7 @@ def run_pass(
     """Look at every active job once: supervise running ones, then schedule pending ones."""
     reap_children()
     weights = load_weights(config.job_resource_weights_file)
-    jobs = db.active_jobs(conn)
+    jobs = db_queries.active_jobs(conn)
     # Shuffled so that one big request cannot hog capacity (SPEC.md §6.1).
     (rng or random).shuffle(jobs)
     run = _Pass(config, conn, weights, spawn, is_alive, kill, now)
@@ -103,9 +103,9 @@ def run_pass(
     )
     pending = [job for job in jobs if job.state is State.PENDING]
     if pending:
-        run.paused = db.get_flag(conn, "paused") is not None
+        run.paused = db_queries.get_flag(conn, "paused") is not None
         wanted = {d for job in pending for d in job.wait_for_job_ids if d not in run.jobs}
-        run.others = {dep.id: dep for dep in db.get_jobs(conn, sorted(wanted))}
+        run.others = {dep.id: dep for dep in db_queries.get_jobs(conn, sorted(wanted))}
         for job in pending:
             run.handle(run.jobs[job.id])
     # Finished jobs whose worker died before removing their Docker objects (bounded per pass).
@@ -145,7 +145,7 @@ class _Pass:
                 return
             except ConflictError:
                 log.debug("Job changed while deciding; looking again", extra={"job": job})
-                fresh = db.get_job(self.conn, job.id)
+                fresh = db_queries.get_job(self.conn, job.id)
                 if fresh is None:
                     return
                 self.jobs[job.id] = job = fresh
@@ -199,7 +199,7 @@ class _Pass:
         if job.status_code is code and job.status_message == message:
             if self.now() - job.updated_at >= self.config.status_refresh_interval:
                 # Keeps the website's "last updated" fresh without a revision bump.
-                db.touch(
+                db_queries.touch(
                     self.conn,
                     job.id,
                     refresh_updated_at=True,
@@ -290,7 +290,7 @@ class _Pass:
     def restart_worker(self, job: Job, reason: str, *, counted: bool) -> None:
         """Forget the old worker, count an attempt unless told not to, and start another."""
         attempts = job.attempts + 1 if counted else job.attempts
-        again = db.save_job(
+        again = db_queries.save_job(
             self.conn, job.copy(attempts=attempts, worker_pid=None, worker_started_at=None)
         )
         self.jobs[job.id] = again
@@ -313,13 +313,13 @@ class _Pass:
         log.info(f"Started worker pid {pid}", extra={"job": job})
         for _ in range(5):
             try:
-                self.jobs[job.id] = db.save_job(
+                self.jobs[job.id] = db_queries.save_job(
                     self.conn, job.copy(worker_pid=pid, worker_started_at=started)
                 )
                 return
             except ConflictError:
                 # The new worker already wrote the job (e.g. a heartbeat-free step change).
-                fresh = db.get_job(self.conn, job.id)
+                fresh = db_queries.get_job(self.conn, job.id)
                 if fresh is None or fresh.state.is_final:
                     return
                 job = fresh
@@ -338,7 +338,7 @@ class _Pass:
     ) -> Job:
         """Move a job with the state machine, write it (compare-and-set), log and record it."""
         new = transition(job, state, code, message, at=int(self.now()), **changes)
-        new = db.save_job(self.conn, new)
+        new = db_queries.save_job(self.conn, new)
         self.jobs[new.id] = new
         log.info(message, extra={"job": new})
         self.record(old or job, new, message)
@@ -390,7 +390,7 @@ def after_job(config: Config, lock: Any, *, take_next: bool = False) -> str | No
                 taken.append(job_id)
                 # This process may be old: a fresh heartbeat keeps the job from looking stalled
                 # until its own heartbeat thread starts.
-                db.touch(conn, job_id, heartbeat=time.time())
+                db_queries.touch(conn, job_id, heartbeat=time.time())
                 started = _process_info(os.getpid())[1]
                 return os.getpid(), started if started is not None else time.time()
             return spawn_worker(config, job_id)

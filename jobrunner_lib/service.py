@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import db, docker
+from . import db_queries, docker
 from .config import Config
 from .errors import TemporaryFailure, UsageError
 from .models import Job
@@ -104,7 +104,10 @@ def remove_job_objects(job_id: str) -> list[str]:
 
 def hung_containers(conn: sqlite3.Connection) -> dict[str, str]:
     """Containers the copy guard flagged as hung (`hung:<name>` flags): name -> flag value."""
-    return {name[len(HUNG_PREFIX) :]: value for name, value in db.flags(conn, HUNG_PREFIX).items()}
+    return {
+        name[len(HUNG_PREFIX) :]: value
+        for name, value in db_queries.flags(conn, HUNG_PREFIX).items()
+    }
 
 
 def hung_objects_of(job_id: str, hung: dict[str, str]) -> list[str]:

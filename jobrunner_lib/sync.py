@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from . import db
+from . import db, db_queries
 from .config import Config
 from .create_jobs import RetryLater, handle_request
 from .jobserver import JobServerClient, JobServerError, JobServerRejected, JobServerUnavailable
@@ -113,7 +113,7 @@ def _run(
     result.requests_seen = len(requests)
 
     listed = _jobs_by_request(conn, [r.id for r in requests])
-    new = [r for r in requests if r.id not in listed and not db.request_exists(conn, r.id)]
+    new = [r for r in requests if r.id not in listed and not db_queries.request_exists(conn, r.id)]
     for request in requests:
         if request.id in listed:
             result.jobs_cancelled += _flag_cancelled(conn, request, listed[request.id])
@@ -171,7 +171,7 @@ def _jobs_by_request(conn: sqlite3.Connection, request_ids: Sequence[str]) -> di
     ids = list(dict.fromkeys(request_ids))
     found: dict[str, list[Job]] = {}
     for start in range(0, len(ids), 500):  # stay under SQLite's bound-variable limit
-        for job in db.find_jobs(conn, requests=ids[start : start + 500]):
+        for job in db_queries.find_jobs(conn, requests=ids[start : start + 500]):
             found.setdefault(job.job_request_id, []).append(job)
     return {
         rid: sorted(found[rid], key=lambda j: (j.created_at, j.id)) for rid in ids if rid in found
@@ -185,7 +185,7 @@ def _flag_cancelled(conn: sqlite3.Connection, request: JobRequest, jobs: list[Jo
     # Checked in memory first, so a request cancelled long ago costs no write lock every pass.
     if not any(j.action in wanted and not j.cancelled and not j.state.is_final for j in jobs):
         return 0
-    count = db.set_cancelled(conn, request.id, request.cancelled_actions)
+    count = db_queries.set_cancelled(conn, request.id, request.cancelled_actions)
     if count:
         log.debug("Cancelling actions: %s", sorted(wanted), extra={"req": request.id})
     return count

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-from . import db, logs, tarstream
+from . import db, db_queries, logs, tarstream
 from .config import Config, load_config
 from .docker import DockerUnavailable
 from .driver import AroundFinal, Driver
@@ -70,7 +70,7 @@ class Heartbeat:
 
     def beat(self) -> None:
         """Write heartbeat_at (and progress_at, and at most once a minute updated_at)."""
-        db.touch(
+        db_queries.touch(
             self._conn,
             self.job_id,
             heartbeat=time.time(),
@@ -143,9 +143,9 @@ def drive_job(
             lock.acquire()
         except filelock.Timeout:
             log.info(f"Another worker is driving job {job_id}; exiting")
-            return db.get_job(conn, job_id)
+            return db_queries.get_job(conn, job_id)
         try:
-            job = db.get_job(conn, job_id)
+            job = db_queries.get_job(conn, job_id)
             if job is None or job.state is not State.RUNNING:
                 log.info(
                     f"Job {job_id} is not running; nothing to do", extra={"job": job} if job else {}

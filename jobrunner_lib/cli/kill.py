@@ -8,7 +8,7 @@ import logging
 import sqlite3
 from typing import Any
 
-from .. import db, service
+from .. import db_queries, service
 from ..errors import ConflictError, OperationFailed, TemporaryFailure, UsageError
 from ..models import Job, Msg, State, StatusCode, transition
 from .common import RESULT_COLUMNS, Context, Tool, result_row, run_tool
@@ -35,9 +35,9 @@ def fail_job(conn: sqlite3.Connection, job: Job, who: str) -> tuple[Job, bool]:
             return job, False
         code, message = kill_message(job, who)
         try:
-            return db.save_job(conn, transition(job, State.FAILED, code, message)), True
+            return db_queries.save_job(conn, transition(job, State.FAILED, code, message)), True
         except ConflictError:
-            fresh = db.get_job(conn, job.id)
+            fresh = db_queries.get_job(conn, job.id)
             if fresh is None:
                 raise OperationFailed(f"job {job.id} disappeared from the state store") from None
             job = fresh

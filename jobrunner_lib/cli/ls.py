@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .. import db
+from .. import db_queries
 from ..errors import UsageError
 from ..models import State, StatusCode
 from .common import Context, Tool, human_age, iso, parse_since, run_tool
@@ -113,7 +113,7 @@ class Ls(Tool):
             since=since,
             ids=[j.id for j in ctx.resolve_jobs(args.ids)] if args.ids else None,
         )
-        found = db.find_jobs(
+        found = db_queries.find_jobs(
             ctx.conn, limit=(limit + 1) if limit else None, columns=DB_COLUMNS, **filters
         )
         more = bool(limit) and len(found) > limit
@@ -147,7 +147,7 @@ class Ls(Tool):
     def summary(self, ctx: Context) -> int:
         states = [s.value for s in State]
         per_ws: dict[str, dict[str, int]] = {}
-        for workspace, state, count in db.count_by(ctx.conn, "workspace"):
+        for workspace, state, count in db_queries.count_by(ctx.conn, "workspace"):
             per_ws.setdefault(workspace, dict.fromkeys(states, 0))[state] = count
         totals = dict.fromkeys(states, 0)
         rows = []
@@ -168,7 +168,7 @@ class Ls(Tool):
                 "total": str(sum(totals.values())),
             }
         )
-        paused = db.get_flag(ctx.conn, "paused")
+        paused = db_queries.get_flag(ctx.conn, "paused")
         if paused is not None:
             ctx.stderr.write(
                 f"Backend is PAUSED ({paused}): no new jobs start; "

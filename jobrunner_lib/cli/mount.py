@@ -18,7 +18,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from .. import db, docker, ids
+from .. import db_queries, docker, ids
 from ..config import Config
 from ..errors import AmbiguousError, OperationFailed, UsageError
 from ..models import Job
@@ -40,7 +40,7 @@ def jobs_with_volumes(config: Config, conn: Any) -> list[Job]:
         job_id = (volume.get("Labels") or {}).get("org.jr.job-id")
         if job_id and volume.get("Name") == docker.volume_name(job_id):
             job_ids.add(job_id)
-    jobs = db.get_jobs(conn, sorted(job_ids))
+    jobs = db_queries.get_jobs(conn, sorted(job_ids))
     return sorted(jobs, key=lambda j: (j.created_at, j.id), reverse=True)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import db, service
+from .. import db_queries, service
 from ..errors import UsageError
 from ..models import Job, StatusCode
 from .common import Context, Tool, parse_since, run_tool
@@ -273,7 +273,7 @@ Prints what it removed and the space Docker reports reclaimed."""
             for c in containers
             if c.get("Names")
         } | {job_id_of(v.get("Labels"), v["Name"]) for v in volumes}
-        jobs = {job.id: job for job in db.get_jobs(ctx.conn, sorted(i for i in ids if i))}
+        jobs = {job.id: job for job in db_queries.get_jobs(ctx.conn, sorted(i for i in ids if i))}
         sizes = {c["Id"]: c.get("SizeRw") for c in (df or {}).get("Containers") or []}
         vsizes = {
             v["Name"]: (v.get("UsageData") or {}).get("Size")
@@ -358,7 +358,7 @@ Prints what it removed and the space Docker reports reclaimed."""
             else:
                 path.unlink(missing_ok=True)
         elif item.kind == "flag":
-            db.set_flag(ctx.conn, item.ref, None)
+            db_queries.set_flag(ctx.conn, item.ref, None)
 
 
 def main() -> None:

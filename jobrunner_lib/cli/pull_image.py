@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .. import db, docker
+from .. import db_queries, docker
 from ..config import Config
 from ..errors import ConfigError, OperationFailed, TemporaryFailure, UsageError
 from .common import Context, Tool, run_tool
@@ -196,7 +196,7 @@ Prints `pulled <name> <id> (was <old id>|new|unchanged)` per image."""
         """What still needs the image: active jobs recorded with it, and any container made from it."""
         users = [
             f"job {job.id} ({job.state.value})"
-            for job in db.active_jobs(ctx.conn)
+            for job in db_queries.active_jobs(ctx.conn)
             if job.image_id == image_id
         ]
         for container in docker.client().api.containers(all=True):

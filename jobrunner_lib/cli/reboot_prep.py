@@ -11,7 +11,7 @@ import argparse
 import logging
 import time
 
-from .. import db, service
+from .. import db_queries, service
 from ..errors import ConflictError, TemporaryFailure, UsageError
 from ..models import Job, Msg, State, StatusCode, transition
 from .common import RESULT_COLUMNS, Context, Tool, iso, result_row, run_tool
@@ -27,7 +27,7 @@ CONFLICT_RETRIES = 10
 
 def running_jobs(conn) -> list[Job]:
     """Jobs in state running (from the active-jobs index)."""
-    return [j for j in db.active_jobs(conn) if j.state is State.RUNNING]
+    return [j for j in db_queries.active_jobs(conn) if j.state is State.RUNNING]
 
 
 def reset_for_reboot(conn, job: Job) -> Job | None:
@@ -45,9 +45,9 @@ def reset_for_reboot(conn, job: Job) -> Job | None:
             attempts=0,
         )
         try:
-            return db.save_job(conn, new)
+            return db_queries.save_job(conn, new)
         except ConflictError:
-            fresh = db.get_job(conn, job.id)
+            fresh = db_queries.get_job(conn, job.id)
             if fresh is None:
                 return None
             job = fresh
@@ -114,7 +114,7 @@ Neither needs --yes: both are undone by the other."""
             raise TemporaryFailure(
                 f"the service is running (pid {pid}); stop it first, or use --drain, or --force"
             )
-        active = db.active_jobs(ctx.conn)
+        active = db_queries.active_jobs(ctx.conn)
         running = [j for j in active if j.state is State.RUNNING]
         if running:
             docker.ping()
@@ -139,9 +139,9 @@ Neither needs --yes: both are undone by the other."""
         with service.run_lock(config, LOCK_TIMEOUT):
             for job in running + leftovers:
                 if job.state is State.RUNNING:
-                    saved = reset_for_reboot(ctx.conn, db.get_job(ctx.conn, job.id) or job)
+                    saved = reset_for_reboot(ctx.conn, db_queries.get_job(ctx.conn, job.id) or job)
                     if saved is None:
-                        fresh = db.get_job(ctx.conn, job.id) or job
+                        fresh = db_queries.get_job(ctx.conn, job.id) or job
                         rows.append(result_row(fresh, f"left alone: it is now {fresh.state.value}"))
                         continue
                     # The row first: a worker we fail to kill sees the job is no longer its own.
@@ -163,7 +163,7 @@ Neither needs --yes: both are undone by the other."""
                 rows.append(result_row(saved, "; ".join(notes)))
         ctx.emit(rows, RESULT_COLUMNS)
         after = "start the service"
-        if db.get_flag(ctx.conn, PAUSED) is not None:
+        if db_queries.get_flag(ctx.conn, PAUSED) is not None:
             after += " and run jr-reboot-prep --resume (the backend is paused)"
         ctx.say(f"ready for reboot: after it, {after}; these jobs then start again by themselves")
         return 1 if failed else 0
@@ -193,7 +193,7 @@ Neither needs --yes: both are undone by the other."""
     def drain(self, ctx: Context, timeout: float | None) -> int:
         config = ctx.config
         assert config is not None
-        current = db.get_flag(ctx.conn, PAUSED)
+        current = db_queries.get_flag(ctx.conn, PAUSED)
         if ctx.args.dry_run:
             ctx.say(
                 "dry run: would pause the backend (no new job starts) and wait until no job is "
@@ -202,7 +202,7 @@ Neither needs --yes: both are undone by the other."""
             return 0
         if current is None:
             value = f"draining for reboot since {iso(time.time())} by {service.operator()}"
-            db.set_flag(ctx.conn, PAUSED, value)
+            db_queries.set_flag(ctx.conn, PAUSED, value)
             ctx.say(f"paused: {value}; no new job starts (jr-reboot-prep --resume lifts it)")
         else:
             ctx.say(f"already paused ({current}); waiting for running jobs to finish")
@@ -237,7 +237,7 @@ Neither needs --yes: both are undone by the other."""
                 "(jr-reboot-prep --resume lifts it)\n"
             )
             raise
-        pending = sum(1 for j in db.active_jobs(ctx.conn) if j.state is State.PENDING)
+        pending = sum(1 for j in db_queries.active_jobs(ctx.conn) if j.state is State.PENDING)
         ctx.say(
             f"ready for reboot: no jobs running; {pending} pending jobs will start after "
             "jr-reboot-prep --resume"
@@ -256,15 +256,15 @@ Neither needs --yes: both are undone by the other."""
             lock.release()  # type: ignore[attr-defined]
 
     def resume(self, ctx: Context) -> int:
-        current = db.get_flag(ctx.conn, PAUSED)
+        current = db_queries.get_flag(ctx.conn, PAUSED)
         if current is None:
             ctx.say("not paused: nothing to do")
             return 0
         if ctx.args.dry_run:
             ctx.say(f"dry run: would lift the pause ({current})")
             return 0
-        db.set_flag(ctx.conn, PAUSED, None)
-        pending = sum(1 for j in db.active_jobs(ctx.conn) if j.state is State.PENDING)
+        db_queries.set_flag(ctx.conn, PAUSED, None)
+        pending = sum(1 for j in db_queries.active_jobs(ctx.conn) if j.state is State.PENDING)
         ctx.say(f"resumed: lifted the pause ({current}); {pending} pending jobs may start now")
         return 0
 

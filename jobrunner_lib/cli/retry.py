@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 
-from .. import db, service
+from .. import db_queries, service
 from ..errors import ConflictError, UsageError
 from ..models import Job, Msg, State, StatusCode, transition
 from .common import RESULT_COLUMNS, Context, Tool, result_row, run_tool
@@ -56,9 +56,9 @@ def retry_job(conn: sqlite3.Connection, job: Job) -> tuple[Job | None, str]:
             if removed:
                 done += f" (removed {', '.join(removed)})"
         try:
-            saved = db.save_job(conn, new)
+            saved = db_queries.save_job(conn, new)
         except ConflictError:
-            fresh = db.get_job(conn, job.id)
+            fresh = db_queries.get_job(conn, job.id)
             if fresh is None:
                 return None, "not retried: it disappeared from the state store"
             job = fresh

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .. import db, docker
+from .. import db_queries, docker
 from ..config import Config
 from ..errors import OperationFailed, UsageError
 from ..models import Job, State
@@ -54,7 +54,7 @@ def saved_log(config: Config, job: Job) -> Path | None:
 
 def running_containers(config: Config, conn: Any) -> list[Job]:
     """Running jobs of this backend's store whose container is running now."""
-    jobs = {j.id: j for j in db.active_jobs(conn) if j.state is State.RUNNING}
+    jobs = {j.id: j for j in db_queries.active_jobs(conn) if j.state is State.RUNNING}
     if not jobs:
         return []
     found = []

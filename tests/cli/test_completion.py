@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from jobrunner_lib import db
+from jobrunner_lib import db, db_queries
 from jobrunner_lib.cli import completion
 from tests.support.cli import ROOT, tool_env
 from tests.support.factories import make_job, make_request
@@ -42,9 +42,9 @@ def env(tmp_path):
     workdir = tmp_path / "workdir"
     conn = db.connect(workdir / "db.sqlite")
     req = make_request(id="aaaaqqqqzzzz2222")
-    db.insert_request(conn, req, [make_job(req, "extract"), make_job(req, "model")])
+    db_queries.insert_request(conn, req, [make_job(req, "extract"), make_job(req, "model")])
     other = make_request(id="bbbbqqqqyyyy3333")
-    db.insert_request(conn, other, [make_job(other, "report")])
+    db_queries.insert_request(conn, other, [make_job(other, "report")])
     return tool_env(workdir)
 
 

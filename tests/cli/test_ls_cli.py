@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from jobrunner_lib import db
+from jobrunner_lib import db, db_queries
 from jobrunner_lib.models import State, StatusCode
 from tests.support.cli import run, tool_env
 from tests.support.factories import make_job, make_request
@@ -35,8 +35,8 @@ def jobs(tmp_path):
     )
     other = make_request(workspace="flu", id="bbbbqqqqyyyy3333")
     report = make_job(other, "report", State.RUNNING, code=StatusCode.EXECUTING, message="Running")
-    db.insert_request(conn, req, [extract, model])
-    db.insert_request(conn, other, [report])
+    db_queries.insert_request(conn, req, [extract, model])
+    db_queries.insert_request(conn, other, [report])
     return workdir, extract, model, report
 
 
@@ -131,7 +131,7 @@ def test_summary_counts_per_workspace_and_shows_pause(jobs):
         "(all)\t0\t1\t1\t1\t3",
     ]
     assert result.stderr == ""
-    db.set_flag(db.connect(workdir / "db.sqlite"), "paused", "draining for reboot")
+    db_queries.set_flag(db.connect(workdir / "db.sqlite"), "paused", "draining for reboot")
     result = run("jr-ls", "--summary", workdir=workdir)
     assert "Backend is PAUSED (draining for reboot)" in result.stderr
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from jobrunner_lib import db
+from jobrunner_lib import db, db_queries
 from jobrunner_lib.models import Job, State
 from tests.support.cli import run
 
@@ -17,7 +17,7 @@ def add_jobs(workdir: Path, *jobs: Job) -> None:
     conn = db.connect(workdir / "db.sqlite")
     try:
         with db.transaction(conn):
-            db.insert_jobs(conn, jobs)
+            db_queries.insert_jobs(conn, jobs)
     finally:
         conn.close()
 
@@ -25,7 +25,7 @@ def add_jobs(workdir: Path, *jobs: Job) -> None:
 def read_jobs(workdir: Path) -> dict[str, Job]:
     conn = db.connect(workdir / "db.sqlite")
     try:
-        return {job.id: job for job in db.find_jobs(conn)}
+        return {job.id: job for job in db_queries.find_jobs(conn)}
     finally:
         conn.close()
 

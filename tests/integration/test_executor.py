@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import db, docker, docker_files, tarstream
+from jobrunner_lib import db, db_queries, docker, docker_files, tarstream
 from jobrunner_lib.config import CHECKOUT_DIR, Config, load_config
 from jobrunner_lib.executor import ExecutorState, LocalDockerExecutor
 from jobrunner_lib.models import Job, Msg, State, StatusCode, now, transition
@@ -174,7 +174,7 @@ class Jobs:
             **fields,
         )
         job = transition(job, State.RUNNING, StatusCode.PREPARING, Msg.PREPARING, attempts=1)
-        db.insert_request(self.conn, request, [job])
+        db_queries.insert_request(self.conn, request, [job])
         return job
 
 
@@ -470,7 +470,7 @@ def test_cancelled_while_running_is_killed_and_only_logged(config, conn, jobs):
         watcher = db.connect(config.db_path)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if db.get_job(watcher, job.id).status_code is StatusCode.EXECUTING:
+            if db_queries.get_job(watcher, job.id).status_code is StatusCode.EXECUTING:
                 break
             time.sleep(0.05)
         watcher.execute("UPDATE job SET cancelled = 1 WHERE id = ?", (job.id,))
@@ -571,7 +571,7 @@ def test_stalled_copy_fails_job_marks_container_hung_and_touches_nothing(config,
     assert "stalled" in done.status_message
     helper = docker.helper_name(job.id)
     with db.connect(config.db_path) as c:
-        assert db.get_flag(c, f"hung:{helper}").startswith(job.id)
+        assert db_queries.get_flag(c, f"hung:{helper}").startswith(job.id)
     assert docker.volume_exists(docker.volume_name(job.id))  # nothing was cleaned up
 
 
@@ -596,7 +596,7 @@ def test_worker_process_runs_a_job_to_success(config, jobs, tmp_path):
     assert " run  Completed successfully status=succeeded" in proc.stderr
     assert f"id={job.id}" in proc.stderr
     with db.connect(config.db_path) as c:
-        assert db.get_job(c, job.id).state is State.SUCCEEDED
+        assert db_queries.get_job(c, job.id).state is State.SUCCEEDED
     print(f"worker process, trivial job end to end: {elapsed:.2f}s")
 
 
@@ -631,7 +631,7 @@ def test_worker_exits_75_and_leaves_the_job_when_docker_is_unreachable(config, j
     assert proc.returncode == 75, proc.stderr
     assert "Docker is not available" in proc.stderr
     with db.connect(config.db_path) as c:
-        after = db.get_job(c, job.id)
+        after = db_queries.get_job(c, job.id)
     # The job keeps its state; the worker only notes the outage (so the next worker can tell a
     # daemon restart from a job failure, and the pass does not count the attempt).
     assert (after.state, after.status_code) == (State.RUNNING, StatusCode.PREPARING)
@@ -644,8 +644,10 @@ def test_worker_leaves_a_job_killed_by_an_operator_while_it_runs(config, jobs):
 
     def kill_by_admin() -> None:
         c = db.connect(config.db_path)
-        current = db.get_job(c, job.id)
-        db.save_job(c, transition(current, State.FAILED, StatusCode.KILLED_BY_ADMIN, Msg.KILLED))
+        current = db_queries.get_job(c, job.id)
+        db_queries.save_job(
+            c, transition(current, State.FAILED, StatusCode.KILLED_BY_ADMIN, Msg.KILLED)
+        )
         docker.kill_container(docker.container_name(job.id))
 
     threading.Timer(1.5, kill_by_admin).start()

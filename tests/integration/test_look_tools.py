@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import db, docker
+from jobrunner_lib import db, db_queries, docker
 from jobrunner_lib.cli.watch_logs import select_lines
 from jobrunner_lib.config import load_config
 from jobrunner_lib.models import Job, State, StatusCode
@@ -135,7 +135,7 @@ class Backend:
 
     def job(self, job_id: str) -> Job:
         """The job as the store has it now."""
-        job = db.get_job(self.conn, job_id)
+        job = db_queries.get_job(self.conn, job_id)
         assert job is not None
         return job
 
@@ -182,12 +182,14 @@ class Backend:
             for container in docker.list_containers(extra={key: value}):
                 docker.kill_container(container["Id"])
             deadline = time.monotonic() + 60
-            while db.active_jobs(self.conn) and time.monotonic() < deadline:
+            while db_queries.active_jobs(self.conn) and time.monotonic() < deadline:
                 run_pass(self.config, self.conn)
                 time.sleep(0.2)
             # A worker cleans up after saving the final state: let it finish before we remove.
             workers = [
-                (j.worker_pid, j.worker_started_at) for j in db.find_jobs(self.conn) if j.worker_pid
+                (j.worker_pid, j.worker_started_at)
+                for j in db_queries.find_jobs(self.conn)
+                if j.worker_pid
             ]
             while any(worker_alive(*w) for w in workers) and time.monotonic() < deadline:
                 reap_children()
@@ -224,8 +226,8 @@ def ambiguous_jobs(conn, state: State = State.RUNNING) -> tuple[str, list[Job]]:
             fragment = job.id[i : i + 4]
             other = seen.get(fragment)
             if other and fragment not in request.id and fragment not in other[0].id:
-                db.insert_request(conn, other[0], [other[1]])
-                db.insert_request(conn, request, [job])
+                db_queries.insert_request(conn, other[0], [other[1]])
+                db_queries.insert_request(conn, request, [job])
                 return fragment, [other[1], job]
             seen.setdefault(fragment, (request, job))
     raise AssertionError("no two job ids sharing a fragment found")
@@ -354,7 +356,7 @@ def test_watch_logs_of_a_request_shows_each_jobs_log_prefixed_and_names_those_wi
         message="Completed successfully",
     )
     waiting = make_job(request, "model", State.PENDING, message="Waiting on dependencies")
-    db.insert_request(conn, request, [done, waiting])
+    db_queries.insert_request(conn, request, [done, waiting])
     logs = workdir / "high_privacy" / "logs" / "2019-01" / f"os-job-{done.id}"
     logs.mkdir(parents=True)
     (logs / "logs.txt").write_text("2019-01-31T23:59:59.1Z extracted\n")

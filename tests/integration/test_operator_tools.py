@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import db, docker, processes, run
+from jobrunner_lib import db, db_queries, docker, processes, run
 from jobrunner_lib.cli.common import read_tsv
 from jobrunner_lib.config import CHECKOUT_DIR, Config, load_config
 from jobrunner_lib.ids import job_id, new_request_id
@@ -183,7 +183,7 @@ def drive(
 
 
 def get(conn, jid: str) -> Job:
-    job = db.get_job(conn, jid)
+    job = db_queries.get_job(conn, jid)
     assert job is not None
     return job
 
@@ -234,7 +234,7 @@ def insert(conn, action: str, state: State, code: StatusCode, message: str, **fi
         job = transition(job, State.RUNNING, StatusCode.EXECUTING, Msg.RUNNING)
     if state.is_final:
         job = transition(job, state, code, message)
-    db.insert_request(conn, request, [job])
+    db_queries.insert_request(conn, request, [job])
     return job
 
 
@@ -330,7 +330,7 @@ def test_kill_finished_job_keeps_its_state_and_cleanup_clears_leftovers(config, 
 def test_kill_cleanup_leaves_a_hung_container_alone(config, conn):
     hung = insert(conn, "h", State.FAILED, StatusCode.JOB_ERROR, "BrokenContainerError: stalled")
     docker.create_volume(docker.volume_name(hung.id), docker.labels(config.backend, hung.id))
-    db.set_flag(conn, f"hung:{docker.helper_name(hung.id)}", hung.id)
+    db_queries.set_flag(conn, f"hung:{docker.helper_name(hung.id)}", hung.id)
     result = tool(config.workdir, "jr-kill", "--cleanup", "--yes", hung.id)
     assert result.returncode == 0, result.stderr
     assert rows(result)[0]["result"] == (
@@ -351,7 +351,7 @@ def test_kill_by_request_id_kills_every_job_of_the_request(config, conn, study):
 
 def test_kill_reads_ids_from_stdin_and_says_cancelled_for_a_cancelled_job(config, conn, study):
     (jid,) = add_jobs(config.workdir, study, "quick")
-    db.set_cancelled(conn, get(conn, jid).job_request_id, ["quick"])
+    db_queries.set_cancelled(conn, get(conn, jid).job_request_id, ["quick"])
     result = cli.run("jr-kill", "--yes", "-", workdir=config.workdir, input=f"id\n{jid}\n")
     assert result.returncode == 0, result.stderr
     job = get(conn, jid)
@@ -560,7 +560,7 @@ def test_drain_pauses_waits_for_running_jobs_and_resume_lifts_it(config, conn, s
     assert timed_out.returncode == 75
     assert "job(s) still running (the backend stays paused):" in timed_out.stderr
     assert stuck_id in timed_out.stderr  # the sleeper certainly still runs
-    assert db.get_flag(conn, "paused").startswith("draining for reboot since ")
+    assert db_queries.get_flag(conn, "paused").startswith("draining for reboot since ")
     assert tool(config.workdir, "jr-kill", "--yes", stuck_id).returncode == 0
 
     (queued,) = add_jobs(config.workdir, study, "quick")
@@ -600,7 +600,7 @@ def test_drain_pauses_waits_for_running_jobs_and_resume_lifts_it(config, conn, s
 
     resumed = tool(config.workdir, "jr-reboot-prep", "--resume")
     assert resumed.returncode == 0 and "resumed: lifted the pause" in resumed.stderr
-    assert db.get_flag(conn, "paused") is None
+    assert db_queries.get_flag(conn, "paused") is None
     drive(config, conn, final(conn, queued), what="the queued job")
     assert get(conn, queued).state is State.SUCCEEDED
 
@@ -659,8 +659,10 @@ def test_prune_removes_only_this_backends_leftovers_of_finished_jobs(config, con
     )
     api.start(mount)
     make_objects(backend, hung.id, helper=True)
-    db.set_flag(conn, f"hung:{docker.helper_name(hung.id)}", f"{hung.id} 2021-11-03T09:12:51Z")
-    db.set_flag(conn, "hung:os-volume-nosuchjob-manager", "x")
+    db_queries.set_flag(
+        conn, f"hung:{docker.helper_name(hung.id)}", f"{hung.id} 2021-11-03T09:12:51Z"
+    )
+    db_queries.set_flag(conn, "hung:os-volume-nosuchjob-manager", "x")
     other = job_id(new_request_id(), "other")
     make_objects(f"other{SESSION}", other)
     plain = f"jrtest-plain-{SESSION}"
@@ -732,8 +734,8 @@ def test_prune_removes_only_this_backends_leftovers_of_finished_jobs(config, con
         "old-image",
         "tmp-old",
     }
-    assert db.get_flag(conn, "hung:os-volume-nosuchjob-manager") is None
-    assert db.get_flag(conn, f"hung:{docker.helper_name(hung.id)}") is not None
+    assert db_queries.get_flag(conn, "hung:os-volume-nosuchjob-manager") is None
+    assert db_queries.get_flag(conn, f"hung:{docker.helper_name(hung.id)}") is not None
 
     again = tool(config.workdir, "jr-prune", "--yes", **PRUNE_ENV)
     assert again.returncode == 0 and rows(again) == [] and "nothing to prune" in again.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import db
+from jobrunner_lib import db, db_queries
 from jobrunner_lib import sync as sync_module
 from jobrunner_lib.config import Config, load_config
 from jobrunner_lib.create_jobs import RetryLater
@@ -68,15 +68,15 @@ class Backend:
         """The request's local jobs as the website should have them."""
         return {
             j.id: job_to_wire({k: getattr(j, k) for k in WIRE_KEYS})
-            for j in db.jobs_for_request(self.conn, request_id)
+            for j in db_queries.jobs_for_request(self.conn, request_id)
         }
 
     def move(self, job_id: str, *steps: tuple[State, StatusCode | None, str], at: int) -> None:
         """Change a job as the run side would, one second per step from `at`."""
-        job = db.get_job(self.conn, job_id)
+        job = db_queries.get_job(self.conn, job_id)
         for offset, (state, code, message) in enumerate(steps):
             job = transition(job, state, code, message, at=at + offset)
-        db.save_job(self.conn, job)
+        db_queries.save_job(self.conn, job)
 
     def posted_record(self) -> list[tuple]:
         return [tuple(r) for r in self.conn.execute("SELECT * FROM job_post ORDER BY job_id")]
@@ -147,8 +147,10 @@ def test_a_second_pass_creates_nothing_and_reports_only_real_changes(backend, st
     assert (
         again.jobs_posted == 3
     )  # a listed request is always posted whole: that repairs the website
-    assert len(db.jobs_for_request(backend.conn, rid)) == 3
-    extract = next(j for j in db.jobs_for_request(backend.conn, rid) if j.action == "extract")
+    assert len(db_queries.jobs_for_request(backend.conn, rid)) == 3
+    extract = next(
+        j for j in db_queries.jobs_for_request(backend.conn, rid) if j.action == "extract"
+    )
     backend.move(extract.id, RUNNING, at=int(time.time()) + 5)
     third = backend.sync()
     assert list(third.changed) == [extract.id]
@@ -158,7 +160,7 @@ def test_a_second_pass_creates_nothing_and_reports_only_real_changes(backend, st
 def test_a_request_the_website_stopped_listing_is_posted_only_when_it_changes(backend, study):
     rid = backend.request(*study)
     backend.sync()
-    jobs = {j.action: j for j in db.jobs_for_request(backend.conn, rid)}
+    jobs = {j.action: j for j in db_queries.jobs_for_request(backend.conn, rid)}
     at = int(time.time()) + 10
     backend.move(jobs["extract"].id, RUNNING, SUCCEEDED, at=at)
     backend.move(jobs["model"].id, RUNNING, SUCCEEDED, at=at)
@@ -186,8 +188,9 @@ def test_old_history_is_left_alone_but_an_old_job_posted_while_active_gets_its_e
     history, old_running = (make_request(), make_request())
     finished = make_job(history, "a", State.SUCCEEDED, code=StatusCode.SUCCEEDED, at=month_ago)
     running = make_job(old_running, "a", State.RUNNING, at=month_ago)
-    db.insert_request(backend.conn, history, [finished])  # e.g. a state store from before jr
-    db.insert_request(backend.conn, old_running, [running])
+    # e.g. a state store from before jr
+    db_queries.insert_request(backend.conn, history, [finished])
+    db_queries.insert_request(backend.conn, old_running, [running])
     first = backend.sync()
     assert list(first.changed) == [running.id]  # still active, so posted although old
     backend.move(running.id, SUCCEEDED, at=int(time.time()))
@@ -200,14 +203,14 @@ def test_old_history_is_left_alone_but_an_old_job_posted_while_active_gets_its_e
 def test_cancelled_actions_flag_only_jobs_that_have_not_finished(backend, study):
     rid = backend.request(*study)
     backend.sync()
-    jobs = {j.action: j for j in db.jobs_for_request(backend.conn, rid)}
+    jobs = {j.action: j for j in db_queries.jobs_for_request(backend.conn, rid)}
     at = int(time.time()) + 10
     backend.move(jobs["extract"].id, RUNNING, SUCCEEDED, at=at)
     backend.move(jobs["model"].id, RUNNING, at=at)
     backend.server.cancel(rid, ["extract", "model", "report"])  # the website's "cancel request"
     result = backend.sync()
     assert result.jobs_cancelled == 2
-    cancelled = {j.action: j.cancelled for j in db.jobs_for_request(backend.conn, rid)}
+    cancelled = {j.action: j.cancelled for j in db_queries.jobs_for_request(backend.conn, rid)}
     assert cancelled == {"extract": False, "model": True, "report": True}
     assert backend.sync().jobs_cancelled == 0
 
@@ -257,7 +260,7 @@ def test_a_rejected_post_is_logged_with_its_errors_and_the_pass_goes_on(
 ):
     good, bad = backend.request(*study, name="other"), backend.request(*study)
     backend.sync()
-    bad_job = next(j for j in db.jobs_for_request(backend.conn, bad) if j.action == "model")
+    bad_job = next(j for j in db_queries.jobs_for_request(backend.conn, bad) if j.action == "model")
 
     def drop_run_command(job: dict) -> dict:
         wire = job_to_wire(job)
@@ -268,7 +271,7 @@ def test_a_rejected_post_is_logged_with_its_errors_and_the_pass_goes_on(
     monkeypatch.setattr(sync_module, "job_to_wire", drop_run_command)
     newer = backend.bad_request()
     at = int(time.time()) + 10
-    for job in db.jobs_for_request(backend.conn, bad):
+    for job in db_queries.jobs_for_request(backend.conn, bad):
         backend.move(job.id, RUNNING, at=at)
     before = backend.posted_record()
     result = backend.sync()
@@ -298,7 +301,7 @@ def test_unknown_requests_rejected_by_an_old_server_do_not_hold_back_the_others(
         forgotten = backend.bad_request()
         backend.sync()
         del server.requests[forgotten]  # the website lost it; its job changes locally (a retry)
-        job = db.jobs_for_request(backend.conn, forgotten)[0]
+        job = db_queries.jobs_for_request(backend.conn, forgotten)[0]
         backend.move(job.id, (State.RUNNING, None, Msg.RETRYING), at=int(time.time()) + 10)
         fresh = backend.bad_request()
         result = backend.sync()
@@ -315,7 +318,7 @@ def test_unknown_requests_rejected_by_an_old_server_do_not_hold_back_the_others(
 def test_after_five_failed_passes_the_first_good_pass_catches_up_in_full(backend, study, fault):
     rid = backend.request(*study)
     backend.sync()
-    jobs = {j.action: j for j in db.jobs_for_request(backend.conn, rid)}
+    jobs = {j.action: j for j in db_queries.jobs_for_request(backend.conn, rid)}
     record = backend.posted_record()
     backend.server.set_fault(fault)  # every call fails until cleared
     newer = backend.bad_request()
@@ -438,7 +441,7 @@ def test_a_request_that_cannot_be_fetched_or_crashes_is_skipped_and_retried(
 def test_post_requests_sends_whole_requests_and_records_them(backend, study):
     rid = backend.request(*study)
     backend.sync()
-    report = next(j for j in db.jobs_for_request(backend.conn, rid) if j.action == "report")
+    report = next(j for j in db_queries.jobs_for_request(backend.conn, rid) if j.action == "report")
     backend.move(report.id, RUNNING, at=int(time.time()) + 5)  # e.g. what jr-retry just did
     deadline = time.monotonic() + 10
     result = post_requests(backend.config, backend.conn, backend.client, [rid], deadline=deadline)

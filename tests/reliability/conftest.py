@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import db, docker
+from jobrunner_lib import db, db_queries, docker
 from jobrunner_lib.config import Config, load_config
 from jobrunner_lib.models import Job, Msg, State, StatusCode, now, transition
 from tests.support.factories import make_job, make_request
@@ -103,7 +103,7 @@ class Jobs:
             request, action, at=now(), run_command=command, output_spec=outputs, **fields
         )
         job = transition(job, State.RUNNING, StatusCode.PREPARING, Msg.PREPARING, attempts=1)
-        db.insert_request(self.conn, request, [job])
+        db_queries.insert_request(self.conn, request, [job])
         return job
 
 

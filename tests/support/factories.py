@@ -47,9 +47,9 @@ def make_job(request: JobRequest, action: str, state: State = State.PENDING, **k
 
 def insert_job(conn, state: State, code: StatusCode, message: str, action: str = "extract") -> Job:
     """One job of a new request, in that state, written to the store behind conn."""
-    from jobrunner_lib import db
+    from jobrunner_lib import db_queries
 
     request = make_request()
     job = make_job(request, action, state, code=code, message=message)
-    db.insert_request(conn, request, [job])
+    db_queries.insert_request(conn, request, [job])
     return job

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import db, docker
+from jobrunner_lib import db, db_queries, docker
 from jobrunner_lib.models import State, StatusCode
 from tests.integration.test_look_tools import Backend, ambiguous_jobs
 from tests.support.cli import BIN, ROOT, tool_env
@@ -167,7 +167,7 @@ def test_kill_of_an_ambiguous_fragment_picks_then_confirms_on_the_terminal(store
     terminal.type("y")
     terminal.keys("Enter")
     assert terminal.exit_code(marker) == 0
-    killed, untouched = db.get_job(conn, wanted.id), db.get_job(conn, other.id)
+    killed, untouched = db_queries.get_job(conn, wanted.id), db_queries.get_job(conn, other.id)
     assert killed is not None and untouched is not None
     assert (killed.state, killed.status_code) == (State.FAILED, StatusCode.KILLED_BY_ADMIN)
     assert untouched.state is State.RUNNING

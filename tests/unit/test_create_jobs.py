@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobrunner_lib import db
+from jobrunner_lib import db, db_queries
 from jobrunner_lib.config import load_config
 from jobrunner_lib.create_jobs import JobRequestError, handle_request, validate_request
 from jobrunner_lib.models import State, StatusCode
@@ -45,7 +45,7 @@ def test_a_request_creates_the_action_and_its_missing_dependencies_in_order(setu
     assert model.status_code is StatusCode.WAITING_ON_DEPENDENCIES
     assert report.run_command == "r:v1 analysis/report.sh"
     assert report.output_spec == {"moderately_sensitive": {"report": "output/report.txt"}}
-    assert len(db.jobs_for_request(conn, outcome.jobs[0].job_request_id)) == 3
+    assert len(db_queries.jobs_for_request(conn, outcome.jobs[0].job_request_id)) == 3
 
 
 def test_the_same_request_twice_creates_nothing_new(setup):
@@ -153,7 +153,7 @@ def test_cancelled_actions_in_a_new_request_are_flagged(setup):
     req = request(repo, sha, ["model"])
     req.cancelled_actions = ["model"]
     handle_request(config, conn, req)
-    flags = {j.action: j.cancelled for j in db.jobs_for_request(conn, req.id)}
+    flags = {j.action: j.cancelled for j in db_queries.jobs_for_request(conn, req.id)}
     assert flags == {"extract": False, "model": True}
 
 

@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from jobrunner_lib import db
+from jobrunner_lib import db, db_queries
 from jobrunner_lib.errors import ConflictError
 from jobrunner_lib.models import State, StatusCode, transition
 from tests.support.factories import make_job, make_request
@@ -35,7 +35,7 @@ def test_old_backend_database_is_upgraded_in_place_keeping_its_jobs(tmp_path):
     old.close()
     conn = db.connect(path)
     assert db.schema_version(conn) == db.SCHEMA_VERSION
-    job = db.get_job(conn, "abcdabcdabcdabcd")
+    job = db_queries.get_job(conn, "abcdabcdabcdabcd")
     assert (
         job is not None and job.state is State.FAILED and job.status_code is StatusCode.NONZERO_EXIT
     )
@@ -71,21 +71,23 @@ def test_every_column_round_trips(tmp_path):
         exit_code=3,
         error_detail="d",
     )
-    db.insert_request(conn, req, [job])
-    assert db.get_job(conn, job.id) == job
+    db_queries.insert_request(conn, req, [job])
+    assert db_queries.get_job(conn, job.id) == job
 
 
 def test_compare_and_set_detects_a_racing_change(tmp_path):
     conn = db.connect(tmp_path / "db.sqlite")
     req = make_request()
     job = make_job(req, "a")
-    db.insert_request(conn, req, [job])
-    first = db.save_job(conn, transition(job, State.RUNNING, StatusCode.PREPARING, "Preparing"))
+    db_queries.insert_request(conn, req, [job])
+    first = db_queries.save_job(
+        conn, transition(job, State.RUNNING, StatusCode.PREPARING, "Preparing")
+    )
     with pytest.raises(ConflictError):
-        db.save_job(
+        db_queries.save_job(
             conn, transition(job, State.FAILED, StatusCode.KILLED_BY_ADMIN, "Killed by admin")
         )
-    assert db.get_job(conn, job.id).state is State.RUNNING
+    assert db_queries.get_job(conn, job.id).state is State.RUNNING
     assert first.rev == 1
 
 
@@ -94,12 +96,12 @@ def test_cancel_flags_only_unfinished_jobs_and_survives_run_side_writes(tmp_path
     req = make_request()
     done = make_job(req, "a", State.SUCCEEDED, code=StatusCode.SUCCEEDED)
     pending = make_job(req, "b")
-    db.insert_request(conn, req, [done, pending])
-    assert db.set_cancelled(conn, req.id, ["a", "b"]) == 1
+    db_queries.insert_request(conn, req, [done, pending])
+    assert db_queries.set_cancelled(conn, req.id, ["a", "b"]) == 1
     # A run-side save of a job read before the cancel must not clear the flag.
-    db.save_job(conn, pending.copy(status_message="Waiting on dependencies"))
-    assert db.get_job(conn, pending.id).cancelled is True
-    assert db.get_job(conn, done.id).cancelled is False
+    db_queries.save_job(conn, pending.copy(status_message="Waiting on dependencies"))
+    assert db_queries.get_job(conn, pending.id).cancelled is True
+    assert db_queries.get_job(conn, done.id).cancelled is False
 
 
 def test_workspace_state_ignores_cancelled_and_error_jobs(tmp_path):
@@ -108,11 +110,11 @@ def test_workspace_state_ignores_cancelled_and_error_jobs(tmp_path):
     old = make_job(req1, "a", State.SUCCEEDED, code=StatusCode.SUCCEEDED)
     newer = make_job(req2, "a", State.FAILED, code=StatusCode.NONZERO_EXIT)
     err = make_job(req2, "__error__", State.FAILED, code=None)
-    db.insert_request(conn, req1, [old])
-    db.insert_request(conn, req2, [newer, err])
-    assert db.latest_jobs_by_action(conn, "ws")["a"].id == newer.id
-    db.set_cancelled(conn, req2.id, ["a"])  # failed is final: not flagged
-    assert "__error__" not in db.latest_jobs_by_action(conn, "ws")
+    db_queries.insert_request(conn, req1, [old])
+    db_queries.insert_request(conn, req2, [newer, err])
+    assert db_queries.latest_jobs_by_action(conn, "ws")["a"].id == newer.id
+    db_queries.set_cancelled(conn, req2.id, ["a"])  # failed is final: not flagged
+    assert "__error__" not in db_queries.latest_jobs_by_action(conn, "ws")
 
 
 def _hammer(path: str, job_ids: list[str], count: int) -> None:
@@ -129,7 +131,7 @@ def test_four_processes_making_500_updates_each_lose_nothing(tmp_path):
     conn = db.connect(path)
     req = make_request()
     jobs = [make_job(req, f"a{i}") for i in range(3)]
-    db.insert_request(conn, req, jobs)
+    db_queries.insert_request(conn, req, jobs)
     ctx = multiprocessing.get_context("spawn")
     procs = [
         ctx.Process(target=_hammer, args=(str(path), [j.id for j in jobs], 500)) for _ in range(4)

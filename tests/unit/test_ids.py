@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobrunner_lib import db, ids
+from jobrunner_lib import db, db_queries, ids
 from jobrunner_lib.errors import AmbiguousError, NoMatchError, UsageError
 from tests.support.factories import make_job, make_request
 
@@ -34,8 +34,8 @@ def store(tmp_path):
     extract, model = make_job(req, "extract"), make_job(req, "model")
     other = make_request(id="bbbbqqqqyyyy3333")
     report = make_job(other, "report")
-    db.insert_request(conn, req, [extract, model])
-    db.insert_request(conn, other, [report])
+    db_queries.insert_request(conn, req, [extract, model])
+    db_queries.insert_request(conn, other, [report])
     return conn, req, extract, model, report
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from jobrunner_lib import db, processes
+from jobrunner_lib import db, db_queries, processes
 from jobrunner_lib.config import CHECKOUT_DIR, Config
 from jobrunner_lib.models import Job, Msg, State, StatusCode
 from jobrunner_lib.run import WORKER_DIED, Change, run_pass
@@ -87,7 +87,7 @@ def add(conn: sqlite3.Connection, job_id: str, state: State = State.PENDING, **f
     values.update(fields)
     job = Job(id=job_id, state=state, **values)
     with db.transaction(conn):
-        db.insert_jobs(conn, [job])
+        db_queries.insert_jobs(conn, [job])
     return job
 
 
@@ -106,7 +106,7 @@ def one_pass(
 
 
 def get(conn: sqlite3.Connection, job_id: str) -> Job:
-    job = db.get_job(conn, job_id)
+    job = db_queries.get_job(conn, job_id)
     assert job is not None
     return job
 
@@ -185,7 +185,7 @@ def test_pause_flag_holds_pending_jobs(
     tmp_path: Path, conn: sqlite3.Connection, workers: Workers, now: float
 ) -> None:
     add(conn, "job")
-    db.set_flag(conn, "paused", "maintenance")
+    db_queries.set_flag(conn, "paused", "maintenance")
     one_pass(conn, make_config(tmp_path), workers, now)
     job = get(conn, "job")
     assert (job.state, job.status_code, job.status_message) == (
@@ -194,7 +194,7 @@ def test_pause_flag_holds_pending_jobs(
         Msg.PAUSED,
     )
     assert workers.spawned == []
-    db.set_flag(conn, "paused", None)
+    db_queries.set_flag(conn, "paused", None)
     one_pass(conn, make_config(tmp_path), workers, now)
     assert get(conn, "job").state is State.RUNNING
 
@@ -203,7 +203,7 @@ def test_pause_keeps_the_waiting_on_reboot_message(
     tmp_path: Path, conn: sqlite3.Connection, workers: Workers, now: float
 ) -> None:
     add(conn, "job", status_code=StatusCode.WAITING_ON_REBOOT, status_message=Msg.WAITING_ON_REBOOT)
-    db.set_flag(conn, "paused", "reboot")
+    db_queries.set_flag(conn, "paused", "reboot")
     assert one_pass(conn, make_config(tmp_path), workers, now) == []
     assert get(conn, "job").rev == 0
 
@@ -214,7 +214,7 @@ def test_capacity_starts_exactly_max_workers_jobs(
     for n in range(10):
         add(conn, f"job{n}")
     one_pass(conn, make_config(tmp_path, max_workers=3), workers, now)
-    jobs = db.active_jobs(conn)
+    jobs = db_queries.active_jobs(conn)
     running = [j for j in jobs if j.state is State.RUNNING]
     waiting = [j for j in jobs if j.state is State.PENDING]
     assert len(running) == 3 and len(workers.spawned) == 3
@@ -282,9 +282,9 @@ def test_no_write_when_nothing_changes(
     add(conn, "job", wait_for_job_ids=["dep"])
     config = make_config(tmp_path)
     one_pass(conn, config, workers, now)
-    before = {j.id: (j.rev, j.updated_at) for j in db.active_jobs(conn)}
+    before = {j.id: (j.rev, j.updated_at) for j in db_queries.active_jobs(conn)}
     assert one_pass(conn, config, workers, now) == []
-    assert {j.id: (j.rev, j.updated_at) for j in db.active_jobs(conn)} == before
+    assert {j.id: (j.rev, j.updated_at) for j in db_queries.active_jobs(conn)} == before
 
 
 def test_waiting_job_gets_updated_at_refreshed_without_a_revision(
@@ -293,7 +293,7 @@ def test_waiting_job_gets_updated_at_refreshed_without_a_revision(
     stale = int(now) - 600
     add(conn, "dep", State.SUCCEEDED)
     add(conn, "job", status_code=StatusCode.PAUSED, status_message=Msg.PAUSED, updated_at=stale)
-    db.set_flag(conn, "paused", "yes")
+    db_queries.set_flag(conn, "paused", "yes")
     assert one_pass(conn, make_config(tmp_path), workers, now) == []
     job = get(conn, "job")
     assert job.rev == 0
@@ -308,7 +308,9 @@ def test_race_with_the_new_worker_still_records_its_pid(
     def spawn_that_writes_first(config: Config, job_id: str) -> tuple[int, float]:
         # The worker moves the job on before the pass records who it is.
         job = get(conn, job_id)
-        db.save_job(conn, job.copy(status_code=StatusCode.EXECUTING, status_message=Msg.RUNNING))
+        db_queries.save_job(
+            conn, job.copy(status_code=StatusCode.EXECUTING, status_message=Msg.RUNNING)
+        )
         return 4242, now
 
     run_pass(
@@ -488,7 +490,7 @@ def test_job_finished_by_its_worker_meanwhile_is_not_respawned(
 
     def alive_check_while_worker_finishes(pid: int, start: float | None) -> bool:
         job = get(conn, "job")
-        db.save_job(
+        db_queries.save_job(
             conn,
             job.copy(
                 state=State.SUCCEEDED,
@@ -537,7 +539,7 @@ def test_pass_over_large_history_handles_only_active_jobs(
         for n in range(20_000)
     ]
     with db.transaction(conn):
-        db.insert_jobs(conn, finished)
+        db_queries.insert_jobs(conn, finished)
     for n in range(25):
         workers.alive.add(500 + n)
         add(
