@@ -22,7 +22,8 @@ from ..errors import OperationFailed, TemporaryFailure, UsageError
 from ..ids import new_request_id
 from ..models import RUN_ALL, JobRequest
 from ..pipeline import ProjectValidationError
-from .common import Context, Tool, iso, run_tool
+from .common import Context, Tool, run_tool
+from .formats import iso
 
 COLUMNS = ["id", "request", "workspace", "action", "state", "status_code", "status_message"]
 

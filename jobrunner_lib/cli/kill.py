@@ -11,7 +11,8 @@ from typing import Any
 from .. import db_queries, service
 from ..errors import ConflictError, OperationFailed, TemporaryFailure, UsageError
 from ..models import Job, Msg, State, StatusCode, transition
-from .common import RESULT_COLUMNS, Context, Tool, result_row, run_tool
+from .common import Context, Tool, run_tool
+from .formats import RESULT_COLUMNS, result_row
 
 log = logging.getLogger(__name__)
 

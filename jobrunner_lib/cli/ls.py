@@ -8,7 +8,8 @@ import time
 from .. import db_queries
 from ..errors import UsageError
 from ..models import State, StatusCode
-from .common import Context, Tool, human_age, iso, parse_since, run_tool
+from .common import Context, Tool, run_tool
+from .formats import human_age, iso, parse_since
 
 COLUMNS = [
     "id",

@@ -22,7 +22,8 @@ from .. import db_queries, docker, ids
 from ..config import Config
 from ..errors import AmbiguousError, OperationFailed, UsageError
 from ..models import Job
-from .common import Context, Tool, is_terminal, run_tool
+from .common import Context, Tool, run_tool
+from .formats import is_terminal
 from .watch_logs import binary
 
 ROLE_LABEL = ("org.jr.role", "mount")

@@ -15,7 +15,8 @@ from typing import Any
 from .. import db_queries, service
 from ..errors import UsageError
 from ..models import Job, StatusCode
-from .common import Context, Tool, parse_since, run_tool
+from .common import Context, Tool, run_tool
+from .formats import parse_since
 
 log = logging.getLogger(__name__)
 

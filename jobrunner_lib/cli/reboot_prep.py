@@ -14,7 +14,8 @@ import time
 from .. import db_queries, service
 from ..errors import ConflictError, TemporaryFailure, UsageError
 from ..models import Job, Msg, State, StatusCode, transition
-from .common import RESULT_COLUMNS, Context, Tool, iso, result_row, run_tool
+from .common import Context, Tool, run_tool
+from .formats import RESULT_COLUMNS, iso, result_row
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from .. import db_queries, docker
 from ..config import Config
 from ..errors import OperationFailed, UsageError
 from ..models import Job, State
-from .common import Context, Tool, human_age, parse_since, run_tool
+from .common import Context, Tool, run_tool
+from .formats import human_age, parse_since
 
 # `docker logs --timestamps` puts an RFC 3339 time and a space before each line.
 TIMESTAMP = re.compile(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from jobrunner_lib.cli.common import read_tsv
+from jobrunner_lib.cli.formats import read_tsv
 from tests.support.cli import run
 from tests.support.fake_jobserver import FakeJobServer
 from tests.support.studies import make_study

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from jobrunner_lib import db, db_queries, docker, processes, run
-from jobrunner_lib.cli.common import read_tsv
+from jobrunner_lib.cli.formats import read_tsv
 from jobrunner_lib.config import CHECKOUT_DIR, Config, load_config
 from jobrunner_lib.ids import job_id, new_request_id
 from jobrunner_lib.models import Job, Msg, State, StatusCode, new_job, transition

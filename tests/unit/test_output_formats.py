@@ -8,7 +8,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobrunner_lib.cli.common import human_age, parse_since, read_tsv, write_rows
+from jobrunner_lib.cli.formats import human_age, parse_since, read_tsv, write_rows
 
 COLUMNS = ["id", "action", "status_message", "workspace"]
 cell = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30)
