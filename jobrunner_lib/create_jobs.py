@@ -13,7 +13,6 @@ import shlex
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from . import db_queries, git, git_repos
 from .config import Config
@@ -52,15 +51,10 @@ class Outcome:
     created: bool = True
 
 
-def is_local_repo(repo_url: str) -> bool:
-    """A path or file:// URL (embedded mode and tests), as opposed to a hosted repository."""
-    return repo_url.startswith("file://") or "://" not in repo_url
-
-
 def validate_request(config: Config, request: JobRequest) -> None:
     """The request-level checks of SPEC.md §5.8 that need no network."""
     url = request.repo_url
-    if is_local_repo(url):
+    if git_repos.is_local_repo(url):
         if not config.allow_local_repos:
             raise JobRequestError(
                 f"Repository {url} is a local path, which this backend does not allow "
@@ -146,18 +140,15 @@ def load_project(config: Config, request: JobRequest) -> tuple[Pipeline, Path]:
     return load_pipeline(text, "project.yaml"), repo_dir
 
 
-def git_access(config: Config, repo_url: str) -> dict[str, Any]:
-    """The git options for this backend: bare repos dir, credentials (hosted repos only), proxy."""
-    token = None if is_local_repo(repo_url) else config.private_repo_access_token
-    return {"token": token, "backend": config.backend, "proxy_host": config.git_proxy_host}
-
-
 def fetch(config: Config, repo_url: str, commit: str) -> Path:
     """ensure_commit with this backend's credentials and proxy."""
     if not re.fullmatch(r"[0-9a-f]{40}", commit or ""):
         raise JobRequestError(f"Commit {commit!r} is not a full 40-character sha")
     return git_repos.ensure_commit(
-        repo_url, commit, repos_dir=config.repos_dir, **git_access(config, repo_url)
+        repo_url,
+        commit,
+        repos_dir=config.repos_dir,
+        access=git_repos.Access.for_repo(config, repo_url),
     )
 
 
@@ -165,13 +156,13 @@ def plan_jobs(config: Config, conn: sqlite3.Connection, request: JobRequest) -> 
     """Decide the request's jobs by SPEC.md §5.7 (without writing anything)."""
     validate_request(config, request)
     pipeline, _repo_dir = load_project(config, request)
-    if not is_local_repo(request.repo_url) and request.branch:
+    if not git_repos.is_local_repo(request.repo_url) and request.branch:
         if not git_repos.commit_reachable_from(
             request.repo_url,
             request.commit or "",
             request.branch,
             repos_dir=config.repos_dir,
-            **git_access(config, request.repo_url),
+            access=git_repos.Access.for_repo(config, request.repo_url),
         ):
             raise JobRequestError(
                 f"Could not find commit {request.commit} on branch {request.branch}"
@@ -296,12 +287,12 @@ def resolve_reusable_action(
     """Resolve `<image>:<tag>` as a reusable action (SPEC.md §5.9): (image, args, repo url, commit)."""
     where = f"in '{action}: {image}:{tag}'"
     repo_url = f"{config.actions_base_url}/{image}"
-    access = git_access(config, repo_url)
+    access = git_repos.Access.for_repo(config, repo_url)
     try:
-        commit = git_repos.tag_commit(repo_url, tag, **access)
+        commit = git_repos.tag_commit(repo_url, tag, access=access)
         repo_dir = fetch(config, repo_url, commit)
         on_main = git_repos.commit_reachable_from(
-            repo_url, commit, "main", repos_dir=config.repos_dir, **access
+            repo_url, commit, "main", repos_dir=config.repos_dir, access=access
         )
     except git.GitNetworkError:
         raise

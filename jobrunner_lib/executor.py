@@ -250,9 +250,7 @@ class LocalDockerExecutor(Executor):
                 repo_url,
                 commit,
                 repos_dir=self.config.repos_dir,
-                token=self.config.private_repo_access_token,
-                backend=self.config.backend,
-                proxy_host=self.config.git_proxy_host,
+                access=git_repos.Access.for_repo(self.config, repo_url),
             )
             code = git_repos.archive(repo_dir, commit)
         except git.GitError as exc:

@@ -4,6 +4,8 @@ Each repo gets a bare repo `repos_dir/<name>.git` holding only the commits jobs 
 (depth 1, no branches, no tags except our own `fetched/<sha>` markers).
 """
 
+from __future__ import annotations
+
 import base64
 import logging
 import os
@@ -12,10 +14,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from .git import GitError, GitNetworkError, _git, _git_stream, _Result, mask
+
+if TYPE_CHECKING:
+    from .config import Config
 
 log = logging.getLogger(__name__)
 
@@ -140,15 +145,41 @@ def _init(repo_dir: Path) -> None:
         attributes.write_text("* -export-ignore -export-subst\n")
 
 
+@dataclass(frozen=True)
+class Access:
+    """How to reach remote repos: the token (hosted repos only), the backend, proxy, retry pace."""
+
+    token: str | None = None
+    backend: str = "expectations"
+    proxy_host: str | None = None
+    retry_delay: float = 4.0
+
+    @classmethod
+    def for_repo(cls, config: Config, repo_url: str) -> Access:
+        """This backend's access to repo_url: its token only for hosted repos, its proxy."""
+        token = None if is_local_repo(repo_url) else config.private_repo_access_token
+        return cls(token, config.backend, config.git_proxy_host)
+
+
+def is_local_repo(repo_url: str) -> bool:
+    """A path or file:// URL (embedded mode and tests), as opposed to a hosted repository."""
+    return repo_url.startswith("file://") or "://" not in repo_url
+
+
 @dataclass
 class _Remote:
     """A remote repo and how to reach it (proxy, token, retries)."""
 
     repo_url: str
-    token: str | None
-    backend: str
-    proxy_host: str | None
-    retry_delay: float = 4.0
+    access: Access
+
+    @property
+    def token(self) -> str | None:
+        return self.access.token
+
+    @property
+    def proxy_host(self) -> str | None:
+        return self.access.proxy_host
 
     @property
     def url(self) -> str:
@@ -160,7 +191,7 @@ class _Remote:
 
     def run(self, *args: str, error: str) -> _Result:
         """Run git against the remote, retrying network trouble with back-off."""
-        env = _auth_env(self.url, self.token, self.backend, self.proxy_host)
+        env = _auth_env(self.url, self.token, self.access.backend, self.proxy_host)
         for attempt in range(1, ATTEMPTS + 1):
             result = _git(*args, env=env)
             if result.returncode == 0:
@@ -170,7 +201,7 @@ class _Remote:
             if not _NETWORK_ERRORS.search(detail):
                 raise GitError(error)
             if attempt < ATTEMPTS:
-                _sleep(self.retry_delay * 2 ** (attempt - 1))
+                _sleep(self.access.retry_delay * 2 ** (attempt - 1))
         raise GitNetworkError(f"{error} (network error; this may work if you try again later)")
 
     def ls(self, *patterns: str) -> dict[str, str]:
@@ -201,10 +232,7 @@ def ensure_commit(
     commit: str,
     *,
     repos_dir: Path,
-    token: str | None = None,
-    backend: str = "expectations",
-    proxy_host: str | None = None,
-    retry_delay: float = 4.0,
+    access: Access = Access(),
 ) -> Path:
     """Make sure `commit` is in the local bare repo (no network if already fetched); return it."""
     _check_sha(commit)
@@ -215,7 +243,7 @@ def ensure_commit(
     with _lock(Path(repos_dir), name):
         if not _has_tag(repo_dir, commit):  # another process may have fetched it meanwhile
             _init(repo_dir)
-            _Remote(repo_url, token, backend, proxy_host, retry_delay).fetch(repo_dir, commit, 1)
+            _Remote(repo_url, access).fetch(repo_dir, commit, 1)
     return repo_dir
 
 
@@ -223,13 +251,10 @@ def resolve_ref(
     repo_url: str,
     ref: str,
     *,
-    token: str | None = None,
-    backend: str = "expectations",
-    proxy_host: str | None = None,
-    retry_delay: float = 4.0,
+    access: Access = Access(),
 ) -> str:
     """The commit sha a remote branch or tag (or HEAD) points at."""
-    remote = _Remote(repo_url, token, backend, proxy_host, retry_delay)
+    remote = _Remote(repo_url, access)
     refs = remote.ls(ref, f"{ref}^{{}}")
     # A peeled annotated tag (`^{}`) is the commit; the tag itself is a tag object.
     for candidate in (ref, f"refs/heads/{ref}", f"refs/tags/{ref}^{{}}", f"refs/tags/{ref}"):
@@ -242,14 +267,10 @@ def tag_commit(
     repo_url: str,
     tag: str,
     *,
-    repos_dir: Path | None = None,  # unused: accepted so callers can pass one set of options
-    token: str | None = None,
-    backend: str = "expectations",
-    proxy_host: str | None = None,
-    retry_delay: float = 4.0,
+    access: Access = Access(),
 ) -> str:
     """The commit a remote tag points at (for reusable actions); GitError if no such tag."""
-    remote = _Remote(repo_url, token, backend, proxy_host, retry_delay)
+    remote = _Remote(repo_url, access)
     ref = f"refs/tags/{tag}"
     refs = remote.ls(ref, f"{ref}^{{}}")
     sha = refs.get(f"{ref}^{{}}") or refs.get(ref)
@@ -264,14 +285,11 @@ def commit_reachable_from(
     branch: str,
     *,
     repos_dir: Path,
-    token: str | None = None,
-    backend: str = "expectations",
-    proxy_host: str | None = None,
-    retry_delay: float = 4.0,
+    access: Access = Access(),
 ) -> bool:
     """Whether `commit` is in the history of the remote `branch` (fetching only that branch)."""
     _check_sha(commit)
-    remote = _Remote(repo_url, token, backend, proxy_host, retry_delay)
+    remote = _Remote(repo_url, access)
     head = remote.ls(f"refs/heads/{branch}").get(f"refs/heads/{branch}")
     if head is None:
         raise GitError(f"Could not find branch '{branch}' in {remote.shown}")

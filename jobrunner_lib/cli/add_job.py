@@ -13,8 +13,6 @@ from .. import git, git_repos
 from ..create_jobs import (
     JobRequestError,
     RetryLater,
-    git_access,
-    is_local_repo,
     plan_jobs,
     record_jobs,
 )
@@ -82,7 +80,7 @@ class AddJob(Tool):
         branch = args.branch or "HEAD"
         try:
             commit = args.commit or git_repos.resolve_ref(
-                repo_url, branch, **git_access(config, repo_url)
+                repo_url, branch, access=git_repos.Access.for_repo(config, repo_url)
             )
         except git.GitNetworkError as exc:
             raise TemporaryFailure(f"cannot reach {repo_url}: {exc}") from None
@@ -159,7 +157,7 @@ class AddJob(Tool):
     @staticmethod
     def repo_url(repo: str) -> str:
         """A local path becomes absolute (so the job can find it later); URLs pass through."""
-        if is_local_repo(repo) and not repo.startswith("file://"):
+        if git_repos.is_local_repo(repo) and not repo.startswith("file://"):
             path = Path(repo).expanduser().resolve()
             if not path.exists():
                 raise UsageError(f"repository {repo!r} does not exist")

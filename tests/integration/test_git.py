@@ -194,7 +194,9 @@ def test_unknown_commit_raises_git_error_without_retrying(study, tmp_path, monke
 def test_missing_repo_path_raises_git_error(tmp_path):
     url = str(tmp_path / "no-such-repo")
     with pytest.raises(git.GitError) as exc:
-        git_repos.ensure_commit(url, MISSING_SHA, repos_dir=tmp_path / "repos", retry_delay=0)
+        git_repos.ensure_commit(
+            url, MISSING_SHA, repos_dir=tmp_path / "repos", access=git_repos.Access(retry_delay=0)
+        )
     assert not isinstance(exc.value, git.GitNetworkError)
     assert str(exc.value) == f"Error fetching commit {MISSING_SHA} from {url}"
 
@@ -214,7 +216,9 @@ def test_unreachable_host_raises_network_error_after_backed_off_retries(
     monkeypatch.setattr(git_repos, "_sleep", sleeps.append)
     url = f"{scheme}://127.0.0.1:{closed_port()}/opensafely/study"
     with pytest.raises(git.GitNetworkError) as exc:
-        git_repos.ensure_commit(url, MISSING_SHA, repos_dir=tmp_path, retry_delay=4)
+        git_repos.ensure_commit(
+            url, MISSING_SHA, repos_dir=tmp_path, access=git_repos.Access(retry_delay=4)
+        )
     assert str(exc.value).startswith(f"Error fetching commit {MISSING_SHA} from {url}")
     assert sleeps == [4, 8, 16, 32]  # 5 attempts
 
@@ -227,14 +231,12 @@ def test_token_never_appears_in_errors_logs_or_command_lines(tmp_path, monkeypat
     proxy = f"127.0.0.1:{closed_port()}"  # https to a closed port, so the token is in play
     url = "https://github.com/opensafely/private-study"
     secrets = [TOKEN, base64.b64encode(f"jobrunner-tpp:{TOKEN}".encode()).decode()]
+    access = git_repos.Access(TOKEN, "tpp", proxy, retry_delay=0)
 
     errors = []
     for call in (
-        lambda: git_repos.ensure_commit(
-            url, MISSING_SHA, repos_dir=tmp_path, token=TOKEN, backend="tpp", proxy_host=proxy,
-            retry_delay=0,
-        ),
-        lambda: git_repos.resolve_ref(url, "main", token=TOKEN, backend="tpp", proxy_host=proxy, retry_delay=0),
+        lambda: git_repos.ensure_commit(url, MISSING_SHA, repos_dir=tmp_path, access=access),
+        lambda: git_repos.resolve_ref(url, "main", access=access),
     ):  # fmt: skip
         with pytest.raises(git.GitNetworkError) as exc:
             call()
@@ -294,7 +296,9 @@ def test_auth_challenge_fails_without_prompting(http_server, tmp_path, monkeypat
     monkeypatch.setenv("SSH_ASKPASS", "echo")
     url = f"http://127.0.0.1:{port}/opensafely/private-study"
     with pytest.raises(git.GitError) as exc:
-        git_repos.ensure_commit(url, MISSING_SHA, repos_dir=tmp_path, retry_delay=0)
+        git_repos.ensure_commit(
+            url, MISSING_SHA, repos_dir=tmp_path, access=git_repos.Access(retry_delay=0)
+        )
     assert not isinstance(exc.value, git.GitNetworkError)
     assert seen and {auth for _, auth in seen} == {None}
 
@@ -382,12 +386,14 @@ def test_resolve_ref_finds_branches_and_tags(study):
 
 def test_resolve_ref_of_missing_repo_raises(tmp_path):
     with pytest.raises(git.GitError, match="Could not read from"):
-        git_repos.resolve_ref(str(tmp_path / "nope"), "main", retry_delay=0)
+        git_repos.resolve_ref(
+            str(tmp_path / "nope"), "main", access=git_repos.Access(retry_delay=0)
+        )
 
 
 def test_tag_commit_resolves_tags_only(study):
     assert git_repos.tag_commit(str(study), "v1.0") == sha(study, "main~5")
-    assert git_repos.tag_commit(str(study), "light", repos_dir=None) == sha(study, "main~15")
+    assert git_repos.tag_commit(str(study), "light") == sha(study, "main~15")
     with pytest.raises(git.GitError, match="Could not find tag 'main'"):
         git_repos.tag_commit(str(study), "main")
 
