@@ -317,8 +317,11 @@ class LocalDockerExecutor(Executor):
         # The root entry hands the volume's top directory to the job user (extracting "." does not).
         yield tarstream.dir_entry(root, uid=uid, gid=gid)
         log.info(f"Copying in code from {repo_url}@{commit}", extra={"job": job})
+        # The marker's time dates the files the job writes (the "did you mean" hint): the code
+        # must look older than it, even when committed this very second.
+        marked = time.time()
         yield from tarstream.rewrite_tar(
-            code, prefix=root, uid=uid, gid=gid, progress=self.progress
+            code, prefix=root, uid=uid, gid=gid, progress=self.progress, not_after=marked - 2
         )
         made: set[str] = set()
         for path, (action, source) in inputs.items():
@@ -336,7 +339,7 @@ class LocalDockerExecutor(Executor):
             )
         # Last, so its presence means everything before it arrived; its mtime dates new files.
         yield tarstream.bytes_entry(
-            f"{root}/{docker.MARKER}", b"jr\n", uid=uid, gid=gid, mtime=time.time()
+            f"{root}/{docker.MARKER}", b"jr\n", uid=uid, gid=gid, mtime=marked
         )
         yield tarstream.end_of_archive()
 

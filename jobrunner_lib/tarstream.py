@@ -167,11 +167,23 @@ def file_entry(
 
 
 def rewrite_tar(
-    stream: IO[bytes], *, prefix: str, uid: int | None, gid: int | None, progress: Progress
+    stream: IO[bytes],
+    *,
+    prefix: str,
+    uid: int | None,
+    gid: int | None,
+    progress: Progress,
+    not_after: float | None = None,
 ) -> Iterator[bytes]:
-    """Re-emit a tar stream (e.g. `git archive`) with names under prefix and the given owner."""
+    """Re-emit a tar stream (e.g. `git archive`) with names under prefix and the given owner.
+
+    not_after caps the members' modification times (git archive gives every file the commit's
+    time, which may be now or, with a skewed clock, later).
+    """
     with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:
         for member in tar:
+            if not_after is not None:
+                member.mtime = min(member.mtime, int(not_after))
             name = safe_member_name(member.name)
             member.name = f"{prefix}/{name}" if name != "." else prefix
             if member.isdir() or member.issym():

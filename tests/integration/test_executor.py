@@ -61,9 +61,10 @@ SCRIPTS = {
 }
 
 
-def git(*args: str, cwd: Path) -> str:
+def git(*args: str, cwd: Path, date: str | None = None) -> str:
     env = dict(
         os.environ,
+        **({"GIT_COMMITTER_DATE": date} if date else {}),
         GIT_CONFIG_GLOBAL=os.devnull,
         GIT_CONFIG_NOSYSTEM="1",
         GIT_AUTHOR_NAME="t",
@@ -344,6 +345,27 @@ def test_unmatched_pattern_names_the_pattern_and_the_files_written(config, jobs)
     assert done.unmatched_outputs == ["output/other.txt"]
     log_text = (log_dir(config, done) / "logs.txt").read_text()
     assert "Did you mean to match one of these files instead?\n - output/other.txt\n" in log_text
+
+
+def test_did_you_mean_hint_never_offers_the_studys_code_even_when_just_committed(
+    config, conn, tmp_path
+):
+    # git archive dates every file at the commit: one made this second (or, clock skew, later)
+    # would look written by the job.
+    repo = tmp_path / "fresh"
+    (repo / "analysis").mkdir(parents=True)
+    (repo / "analysis" / "typo.sh").write_text(SCRIPTS["typo.sh"].strip() + "\n")
+    git("init", "-q", "-b", "main", cwd=repo)
+    git("add", ".", cwd=repo)
+    future = f"@{int(time.time()) + 600} +0000"
+    git("commit", "-q", "-m", "now", cwd=repo, date=future)
+    fresh = Jobs(conn, (repo, git("rev-parse", "HEAD", cwd=repo)))
+    job = fresh.add(
+        "typo", "python:v1 analysis/typo.sh", {"moderately_sensitive": {"t": "output/table.csv"}}
+    )
+    done = drive_job(config, job.id)
+    assert done.status_code is StatusCode.UNMATCHED_PATTERNS
+    assert done.unmatched_outputs == ["output/other.txt"]
 
 
 def test_did_you_mean_hint_never_offers_the_jobs_inputs(config, jobs):
