@@ -225,7 +225,13 @@ def ambiguous_jobs(conn, state: State = State.RUNNING) -> tuple[str, list[Job]]:
         for i in range(len(job.id) - 3):
             fragment = job.id[i : i + 4]
             other = seen.get(fragment)
-            if other and fragment not in request.id and fragment not in other[0].id:
+            # (A fragment may occur twice in one id: that is not two jobs.)
+            if (
+                other
+                and other[1].id != job.id
+                and fragment not in request.id
+                and fragment not in other[0].id
+            ):
                 db_queries.insert_request(conn, other[0], [other[1]])
                 db_queries.insert_request(conn, request, [job])
                 return fragment, [other[1], job]
