@@ -77,18 +77,6 @@ def git(*args: str, cwd: Path, date: str | None = None) -> str:
     ).stdout.strip()
 
 
-@pytest.fixture(scope="session")
-def docker_ready() -> None:
-    """Skip when there is no Docker engine or the demo images are missing."""
-    try:
-        docker.ping()
-    except Exception as exc:  # noqa: BLE001 - any failure means "no Docker here"
-        pytest.skip(f"Docker not available: {exc}")
-    for image in ("jr-busybox:latest", "jr-demo/python:v1"):
-        if not docker.image_exists(image):
-            pytest.skip(f"image {image} missing: run scripts/build-images")
-
-
 @pytest.fixture(autouse=True)
 def labelled(docker_ready, monkeypatch):
     """Label everything this test creates, and remove exactly that afterwards."""

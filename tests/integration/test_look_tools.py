@@ -239,18 +239,6 @@ def ambiguous_jobs(conn, state: State = State.RUNNING) -> tuple[str, list[Job]]:
     raise AssertionError("no two job ids sharing a fragment found")
 
 
-@pytest.fixture(scope="session")
-def docker_ready() -> None:
-    """Skip when there is no Docker engine or jr's images are missing."""
-    try:
-        docker.ping()
-    except Exception as exc:  # noqa: BLE001 - any failure means "no Docker here"
-        pytest.skip(f"Docker not available: {exc}")
-    for image in ("jr-busybox:latest", "jr-demo/python:v1", "jr-tools:latest"):
-        if not docker.image_exists(image):
-            pytest.skip(f"image {image} missing: run scripts/build-images")
-
-
 @pytest.fixture(scope="module")
 def backend(docker_ready, tmp_path_factory) -> Iterator[Backend]:
     """One scratch backend with a finished job, two running ones and one kept after an internal error."""

@@ -72,18 +72,6 @@ QUICK_CSV = "id,n\n1,42\n"
 # ---- fixtures and helpers -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def docker_ready() -> None:
-    """Skip when there is no Docker engine or the demo images are missing."""
-    try:
-        docker.ping()
-    except Exception as exc:  # noqa: BLE001 - any failure means "no Docker here"
-        pytest.skip(f"Docker not available: {exc}")
-    for image in ("jr-busybox:latest", "jr-demo/python:v1"):
-        if not docker.image_exists(image):
-            pytest.skip(f"image {image} missing: run scripts/build-images")
-
-
 def remove_test_objects() -> None:
     """Remove every container, volume and image carrying this session's label.
 

@@ -20,19 +20,6 @@ from tests.support.factories import make_job, make_request
 from tests.support.studies import make_study
 
 SOAK = os.environ.get("JR_SOAK") == "1"
-IMAGES = ("jr-busybox:latest", "jr-demo/python:v1")
-
-
-@pytest.fixture(scope="session")
-def docker_ready() -> None:
-    """Skip when there is no Docker engine or the demo images are missing."""
-    try:
-        docker.ping()
-    except Exception as exc:  # noqa: BLE001 - any failure means "no Docker here"
-        pytest.skip(f"Docker not available: {exc}")
-    for image in IMAGES:
-        if not docker.image_exists(image):
-            pytest.skip(f"image {image} missing: run scripts/build-images")
 
 
 @pytest.fixture

@@ -29,11 +29,11 @@ from tests.support.cli import BIN, ROOT, tool_env
 
 SERVICE = ROOT / "service" / "jr-service"
 TEST_LABEL_KEY = "org.jr.test"
-IMAGES = ("jr-busybox:latest", "jr-demo/python:v1", "jr-demo/r:v1")
+IMAGES = ("jr-busybox:latest", "jr-demo/python:v1", "jr-demo/r:v1", "jr-tools:latest")
 
 
 def require_docker() -> None:
-    """Skip unless a Docker engine answers and the demo images are present."""
+    """Skip unless a Docker engine answers and the images scripts/build-images makes are present."""
     from jobrunner_lib import docker
 
     try:

@@ -9,6 +9,14 @@ import pytest
 from tests.support.fake_jobserver import FakeJobServer
 
 
+@pytest.fixture(scope="session")
+def docker_ready() -> None:
+    """Skip the test unless Docker answers and jr's test images are built (e2e.require_docker)."""
+    from tests.support.e2e import require_docker
+
+    require_docker()
+
+
 @pytest.fixture
 def fake_jobserver(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeJobServer]:
     """A running fake jobs website on loopback (token "secret-token", backend "test")."""
