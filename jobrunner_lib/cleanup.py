@@ -59,7 +59,7 @@ def sweep(
             settled(conn, job.id)
             continue
         try:
-            removed = service.remove_job_objects(job.id)
+            removed = service.remove_job_objects(config, job.id)
         except DockerUnavailable:
             break
         except Exception:  # noqa: BLE001 - one stuck object must not stop the pass

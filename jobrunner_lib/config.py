@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ PLACEHOLDER_TOKENS = {"token", "changeme", "change-me", "placeholder", "xxx"}
 TRUTHY = {"true", "1", "yes", "on"}
 FALSY = {"false", "0", "no", "off", ""}
 DATABASE_NAMES = ("full", "slice", "dummy")
+VOLUME_STORAGES = ("auto", "host", "docker")
 # The backend used for local runs on dummy data; jr's embedded mode keys its defaults off it.
 LOCAL_BACKEND = "expectations"
 
@@ -72,6 +74,8 @@ class Config:
     job_cpu_count: float | None = None
     job_pids_limit: int = 1024
     job_user: str | None = "1000:1000"
+    volume_storage: str = "docker"
+    volumes_path: Path | None = None
     copy_stall_timeout: float = 120.0
     worker_stall_timeout: float = 300.0
     status_refresh_interval: float = 60.0
@@ -97,6 +101,11 @@ class Config:
     def temp_dir(self) -> Path:
         """Short-lived files; anything stale here is fair game for jr-prune."""
         return self.workdir / "temp"
+
+    @property
+    def volumes_dir(self) -> Path:
+        """Where host-stored job volumes keep their files (VOLUME_STORAGE=host; see volumes.py)."""
+        return self.volumes_path or self.workdir / "volumes"
 
     @property
     def run_lock_path(self) -> Path:
@@ -305,6 +314,12 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
     if job_user is not None and job_user.lower() in {"image", "default"}:
         job_user = None  # run as the image's own user, for images that need it
 
+    storage = (r.str("VOLUME_STORAGE", "auto") or "auto").lower()
+    if storage not in VOLUME_STORAGES:
+        raise ConfigError(f"VOLUME_STORAGE={storage!r} is invalid: expected auto, host or docker")
+    if storage == "auto":
+        storage = "host" if daemon_shares_files(env) else "docker"
+
     return Config(
         backend=backend,
         using_dummy_data_backend=dummy,
@@ -348,6 +363,8 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
         job_cpu_count=r.number("JOB_CPU_COUNT", 0.0) or None,
         job_pids_limit=int(r.number("JOB_PIDS_LIMIT", 1024, minimum=16)),
         job_user=job_user,
+        volume_storage=storage,
+        volumes_path=r.path("VOLUMES_DIR", workdir / "volumes", CHECKOUT_DIR),
         copy_stall_timeout=r.number("COPY_STALL_TIMEOUT", 120.0, minimum=1.0),
         worker_stall_timeout=r.number("WORKER_STALL_TIMEOUT", 300.0, minimum=1.0),
         status_refresh_interval=r.number("STATUS_REFRESH_INTERVAL", 60.0, minimum=1.0),
@@ -359,6 +376,16 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
         presto_tls_key=key,
         stata_license=r.str("STATA_LICENSE"),
     )
+
+
+def daemon_shares_files(env: Mapping[str, str]) -> bool:
+    """Whether the Docker daemon sees this machine's files: Linux, talking to a local socket.
+
+    Docker Desktop (Windows, macOS) runs the daemon in a virtual machine, and DOCKER_HOST may
+    name another machine: there a volume's files can only go through the daemon's archive API.
+    """
+    host = env.get("DOCKER_HOST") or os.environ.get("DOCKER_HOST") or "unix://"
+    return sys.platform.startswith("linux") and host.startswith("unix://")
 
 
 def _stats_file(env: Mapping[str, str], value: str | None, workdir: Path) -> Path | None:

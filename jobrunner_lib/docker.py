@@ -95,6 +95,18 @@ def volume_name(job_id: str) -> str:
     return f"os-volume-{job_id}"
 
 
+def host_volume_dir(config: Config, job_id: str) -> Path:
+    """`$VOLUMES_DIR/os-volume-<id>`: a job volume's files when they are kept on the host."""
+    return config.volumes_dir / volume_name(job_id)
+
+
+def workspace_source(config: Config, job_id: str) -> str:
+    """What a job's containers mount at /workspace: its host directory (VOLUME_STORAGE=host, see
+    volumes.py) when it has one, else its Docker volume."""
+    path = host_volume_dir(config, job_id)
+    return str(path) if path.is_dir() and not path.is_symlink() else volume_name(job_id)
+
+
 def helper_name(job_id: str) -> str:
     """The stopped busybox container used to copy into, list and copy out of the volume."""
     return f"{volume_name(job_id)}-manager"
@@ -292,7 +304,7 @@ def create_job_container(
     if config.job_cpu_count:
         limits["nano_cpus"] = int(config.job_cpu_count * 1e9)
     host_config = api.create_host_config(
-        binds={volume_name(job_id): {"bind": WORKSPACE, "mode": "rw"}},
+        binds={workspace_source(config, job_id): {"bind": WORKSPACE, "mode": "rw"}},
         network_mode=network,
         cap_drop=["ALL"],
         security_opt=["no-new-privileges"],

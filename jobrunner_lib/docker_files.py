@@ -28,7 +28,7 @@ from .docker import (
     inspect_container,
     labels,
     remove_container,
-    volume_name,
+    workspace_source,
 )
 
 
@@ -37,7 +37,7 @@ def create_helper(config: Config, job_id: str) -> str:
     name = helper_name(job_id)
     api = client().api
     host_config = api.create_host_config(
-        binds={volume_name(job_id): {"bind": WORKSPACE, "mode": "rw"}},
+        binds={workspace_source(config, job_id): {"bind": WORKSPACE, "mode": "rw"}},
         network_mode="none",
         security_opt=["no-new-privileges"],
         # Root only to read whatever the job wrote (even mode 000): nothing more than that.
@@ -54,6 +54,44 @@ def create_helper(config: Config, job_id: str) -> str:
         user="0:0",
     )
     return name
+
+
+def empty_host_dir(config: Config, path: Path) -> None:
+    """Delete everything in a host directory through a short-lived helper container.
+
+    For a jr that is not root, facing files the job's user made in directories of its own
+    (volumes.remove_host_dir). The helper is root with only the rights to delete, no network.
+    """
+    api = client().api
+    host_config = api.create_host_config(
+        binds={str(path): {"bind": WORKSPACE, "mode": "rw"}},
+        network_mode="none",
+        security_opt=["no-new-privileges"],
+        cap_drop=["ALL"],
+        cap_add=["DAC_OVERRIDE", "FOWNER"],
+    )
+    name = f"{path.name}-cleaner"
+    remove_container(name)
+    job_id = path.name.rsplit("-", 1)[-1]
+    # Globs that match nothing stay as they are, and rm -f ignores them.
+    script = f"cd {WORKSPACE} && rm -rf -- * .[!.]* ..?*"
+    _create(
+        name,
+        config.helper_image,
+        ["sh", "-c", script],
+        host_config,
+        labels=labels(config.backend, job_id),
+        user="0:0",
+    )
+    try:
+        with calls(f"empty {path}"):
+            api.start(name)
+            status = api.wait(name)["StatusCode"]
+            if status != 0:
+                err = api.logs(name, stdout=False, stderr=True).decode(errors="replace")
+                raise RuntimeError(f"emptying {path} failed ({status}): {err.strip()}")
+    finally:
+        remove_container(name)
 
 
 def put_archive(

@@ -20,7 +20,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from . import docker, docker_files, extract, git, git_repos, tarstream
+from . import docker, docker_files, extract, git, git_repos, tarstream, volumes
 from .config import Config
 from .db_queries import job_from_row
 from .docker import JobError
@@ -239,9 +239,9 @@ class LocalDockerExecutor(Executor):
 
         # Whatever an interrupted attempt left behind is half-filled: start again from nothing.
         docker.remove_container(docker.helper_name(job.id))
-        docker.remove_volume(docker.volume_name(job.id))
-        docker.create_volume(docker.volume_name(job.id), docker.labels(self.config.backend, job.id))
-        helper = docker_files.create_helper(self.config, job.id)
+        volumes.reset(self.config, job.id)
+        host_root = volumes.create(self.config, job.id)
+        helper = None if host_root else docker_files.create_helper(self.config, job.id)
 
         repo_url = job.action_repo_url or job.repo_url
         commit = job.action_commit or job.commit or ""
@@ -256,14 +256,19 @@ class LocalDockerExecutor(Executor):
         except git.GitError as exc:
             raise JobError(str(exc)) from exc
         try:
-            docker_files.put_archive(
-                helper,
-                "/",
-                self._volume_tar(job, repo_url, commit, code, inputs),
-                progress=self.progress,
-                stall_timeout=self.config.copy_stall_timeout,
-                what=f"copy of code and inputs into {helper}",
-            )
+            if host_root:
+                owner = volumes.host_owner(*job_user_ids(self.config.job_user))
+                chunks = self._volume_tar(job, repo_url, commit, code, inputs, owner)
+                volumes.extract_on_host(host_root, chunks, owner, self.progress)
+            else:
+                docker_files.put_archive(
+                    helper or "",
+                    "/",
+                    self._volume_tar(job, repo_url, commit, code, inputs),
+                    progress=self.progress,
+                    stall_timeout=self.config.copy_stall_timeout,
+                    what=f"copy of code and inputs into {helper}",
+                )
         finally:
             # After an abandoned copy the stalled thread may still be reading: leave it the stream.
             if not self.progress.abandoned.is_set():
@@ -309,10 +314,19 @@ class LocalDockerExecutor(Executor):
         return files
 
     def _volume_tar(
-        self, job: Job, repo_url: str, commit: str, code: Any, inputs: dict[str, tuple[str, Path]]
+        self,
+        job: Job,
+        repo_url: str,
+        commit: str,
+        code: Any,
+        inputs: dict[str, tuple[str, Path]],
+        owner: volumes.Owner | None = None,
     ) -> Iterator[bytes]:
-        """One tar stream, extracted at `/`: the volume root, code, inputs, then the marker."""
-        uid, gid = job_user_ids(self.config.job_user)
+        """One tar stream, extracted at `/`: the volume root, code, inputs, then the marker.
+
+        Owned by the job user (JOB_USER), or by `owner` when given (None: writable by all).
+        """
+        uid, gid = owner or job_user_ids(self.config.job_user)
         root = docker.WORKSPACE.strip("/")
         # The root entry hands the volume's top directory to the job user (extracting "." does not).
         yield tarstream.dir_entry(root, uid=uid, gid=gid)
@@ -377,7 +391,7 @@ class LocalDockerExecutor(Executor):
         log.info("Cleaning up container and volume", extra={"job": job})
         docker.remove_container(docker.container_name(job.id))
         docker.remove_container(docker.helper_name(job.id))
-        docker.remove_volume(docker.volume_name(job.id))
+        volumes.remove(self.config, job.id)
 
     def high_workspace(self, workspace: str) -> Path:
         """`$HIGH/workspaces/<workspace>`."""

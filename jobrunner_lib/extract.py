@@ -121,7 +121,7 @@ def receive_one_file(
         if _header_after(pieces.take(BLOCK)):
             raise UnsafeArchive(f"archive for {expected_name} holds more than one file")
 
-    _write_atomically([dest], write, progress)
+    write_atomically([dest], write, progress)
     return member.size
 
 
@@ -283,10 +283,10 @@ def _write_member(
                 out.write(chunk)
             remaining -= len(chunk)
 
-    _write_atomically(dests, write, progress)
+    write_atomically(dests, write, progress)
 
 
-def _write_atomically(
+def write_atomically(
     dests: Sequence[Path], write: Callable[[Sequence[IO[bytes]]], None], progress: Progress
 ) -> None:
     """Have write fill a temporary file beside each dest, then rename them all into place."""

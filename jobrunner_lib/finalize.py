@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import copyout, docker, docker_files, extract, outputs, tarstream
+from . import docker, extract, outputs, tarstream, volumes
 from .docker import JobError
 from .models import Job, Msg, State, StatusCode, iso, now
 
@@ -192,40 +192,6 @@ def workspace_path(root: Path, rel: str, checked: set[str] | None = None) -> Pat
     return dest
 
 
-def declared_files(job: Job) -> list[tarstream.VolumeFile] | None:
-    """The job's outputs without listing its volume, when that is safe; None to list it.
-
-    Listing runs the helper container (a container start, ~0.2 s). When every output pattern is a
-    literal path (the common case) a few stats say all we need: each pattern names a regular
-    file and no directory on the way is a symlink (Docker follows those). Anything else (a glob,
-    a missing file, a symlink, a directory) returns None, and the full listing decides as usual.
-    From copyout.DIRECTORY_MIN_FILES outputs on, the listing is needed anyway: only it tells
-    whether a directory archive would also carry big unwanted files.
-    """
-    patterns = list(
-        dict.fromkeys(p for group in job.output_spec.values() for p in (group or {}).values())
-    )
-    if not patterns or len(patterns) >= copyout.DIRECTORY_MIN_FILES:
-        return None
-    if any("*" in p or outputs.name_problem(p) for p in patterns):
-        return None
-    helper = docker.helper_name(job.id)
-    directories = sorted(
-        {"/".join(p.split("/")[:depth]) for p in patterns for depth in range(1, p.count("/") + 1)}
-    )
-    for directory in directories:
-        stat = docker_files.stat_path(helper, f"{docker.WORKSPACE}/{directory}")
-        if stat is None or not stat.is_dir:
-            return None
-    files = []
-    for path in patterns:
-        stat = docker_files.stat_path(helper, f"{docker.WORKSPACE}/{path}")
-        if stat is None or not stat.is_file:
-            return None
-        files.append(tarstream.VolumeFile(path, stat.size, 0))
-    return files
-
-
 def finalize_job(executor: LocalDockerExecutor, job: Job) -> FinalResult:
     """Inspect, list and match outputs, decide, write logs.txt + metadata.json, copy outputs out."""
     from .executor import apply_result, latest_succeeded_job
@@ -247,7 +213,7 @@ def finalize_job(executor: LocalDockerExecutor, job: Job) -> FinalResult:
     destinations: dict[str, list[Path]] = {}
     high, medium = executor.high_workspace(job.workspace), executor.medium_workspace(job.workspace)
     if not job.cancelled:  # a cancelled job's files are never looked at
-        files = declared_files(job) or docker_files.list_volume_files(config, job.id)
+        files = volumes.output_files(config, job)
         marker = next((f for f in files if f.path == docker.MARKER), None)
         candidates = []
         unsafe = []
@@ -320,14 +286,15 @@ def finalize_job(executor: LocalDockerExecutor, job: Job) -> FinalResult:
     log.info(f"Logs written to: {action_log}", extra={"job": job})
     extract.atomic_copy(logs_txt, workspace_path(medium, f"metadata/{job.action}.log"))
 
-    # Few Docker calls however many files (see copyout.py); each file is still written through
-    # a temporary name and renamed into place, and only regular files are ever written.
-    copyout.copy_outputs(
-        docker.helper_name(job.id),
+    # Host files, or few Docker calls however many files (volumes.py, copyout.py); each file is
+    # still written through a temporary name and renamed into place, and only regular files are
+    # ever written.
+    volumes.copy_outputs(
+        config,
+        job,
         files,
         destinations,
         progress=executor.progress,
-        stall_timeout=config.copy_stall_timeout,
         starting=lambda path: log.info(f"Extracting output file: {path}", extra={"job": job}),
     )
     # A path now declared more sensitive than before must not keep its old medium-privacy copy.

@@ -76,8 +76,11 @@ def stop_worker(job: Job, wait: float = WORKER_EXIT_WAIT) -> str | None:
     return f"killed worker pid {pid}"
 
 
-def job_objects(job_id: str) -> list[tuple[str, str]]:
-    """(kind, name) of the job's Docker objects that exist: container, helper, volume."""
+def job_objects(config: Config, job_id: str) -> list[tuple[str, str]]:
+    """(kind, name) of the job's objects that exist: container, helper, volume (a Docker volume's
+    name, or a host-stored volume's directory)."""
+    from . import volumes
+
     found = []
     for kind, name in (
         ("container", docker.container_name(job_id)),
@@ -87,18 +90,21 @@ def job_objects(job_id: str) -> list[tuple[str, str]]:
             found.append((kind, name))
     if docker.volume_exists(docker.volume_name(job_id)):
         found.append(("volume", docker.volume_name(job_id)))
+    if volumes.on_host(config, job_id):
+        found.append(("volume", str(volumes.host_dir(config, job_id))))
     return found
 
 
-def remove_job_objects(job_id: str) -> list[str]:
-    """Remove the job's container, helper and volume (containers first); the names removed."""
-    present = job_objects(job_id)
+def remove_job_objects(config: Config, job_id: str) -> list[str]:
+    """Remove the job's containers, helper and volume (containers first); the names removed."""
+    from . import volumes
+
+    present = job_objects(config, job_id)
     for kind, name in present:
         if kind != "volume":
             docker.remove_container(name)
-    for kind, name in present:
-        if kind == "volume":
-            docker.remove_volume(name)
+    if any(kind == "volume" for kind, _ in present):
+        volumes.reset(config, job_id)  # in either storage
     return [name for _, name in present]
 
 

@@ -142,7 +142,8 @@ Does not contact the jobs website: the next jr-sync reports the new state. Safe 
         if service.hung_objects_of(job.id, hung):
             return None  # calls to a hung container may never return: leave it alone
         if ctx.args.cleanup:
-            names = [name for _, name in service.job_objects(job.id)]
+            assert ctx.config is not None
+            names = [name for _, name in service.job_objects(ctx.config, job.id)]
             if names:
                 return f"remove {', '.join(names)}"
         if self.was_killed(job) and self.unfinished(ctx, job):
@@ -200,7 +201,8 @@ Does not contact the jobs website: the next jr-sync reports the new state. Safe 
                 if killed or not self.log_exists(ctx, job):
                     notes.append(f"log kept in {keep_log(ctx, job, info)}")
         if ctx.args.cleanup:
-            removed = service.remove_job_objects(job.id)
+            assert ctx.config is not None
+            removed = service.remove_job_objects(ctx.config, job.id)
             notes.append(
                 f"removed {', '.join(removed)}" if removed else "no container or volume left"
             )

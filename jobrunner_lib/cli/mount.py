@@ -18,7 +18,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from .. import db_queries, docker, ids
+from .. import db_queries, docker, ids, volumes
 from ..config import Config
 from ..errors import AmbiguousError, OperationFailed, UsageError
 from ..models import Job
@@ -36,7 +36,7 @@ def mount_name(job_id: str) -> str:
 
 def jobs_with_volumes(config: Config, conn: Any) -> list[Job]:
     """Jobs of this store whose volume exists, newest first."""
-    job_ids = set()
+    job_ids = set(volumes.host_volumes(config))
     for volume in docker.list_volumes(config.backend):
         job_id = (volume.get("Labels") or {}).get("org.jr.job-id")
         if job_id and volume.get("Name") == docker.volume_name(job_id):
@@ -91,8 +91,7 @@ The helper is removed when the shell or command ends; jr-mount exits with its ex
         job = self.choose_job(ctx, config)
         if shell:
             self.check_terminal(ctx)
-        volume = docker.volume_name(job.id)
-        if not docker.volume_exists(volume):
+        if not volumes.exists(config, job.id):
             raise OperationFailed(f"job {job.id} has no volume to mount: {no_volume_reason(job)}")
         if not docker.image_exists(config.tools_image):
             raise OperationFailed(
@@ -108,6 +107,7 @@ The helper is removed when the shell or command ends; jr-mount exits with its ex
                 "mounting its volume only (no processes to see)"
             )
         name = mount_name(job.id)
+        volume = docker.workspace_source(config, job.id)  # a Docker volume or a host directory
         self.create(config, job, name, volume, target if running else None, shell)
         try:
             if shell:
@@ -137,7 +137,7 @@ The helper is removed when the shell or command ends; jr-mount exits with its ex
                 return jobs[0]
             # A request ID stands for all its jobs: only those with a volume can be mounted.
             docker.ping()
-            candidates = [j for j in jobs if docker.volume_exists(docker.volume_name(j.id))]
+            candidates = [j for j in jobs if volumes.exists(config, j.id)]
             if not candidates:
                 raise OperationFailed(
                     f"none of the {len(jobs)} jobs matching {' '.join(args.ids)} "

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import db_queries, service
+from .. import db_queries, service, volumes
 from ..errors import UsageError
 from ..models import Job, StatusCode
 from .common import Context, Tool, run_tool
@@ -168,12 +168,12 @@ class Prune(Tool):
     name = "jr-prune"
     component = "prune"
     description = """Free disk from what this backend made, and only that: containers, helpers and
-volumes labelled job-runner and org.jr.backend=$BACKEND whose job is final (or unknown to the state
-store), except those of jobs that failed with internal_error (kept for jr-retry) unless
+volumes labelled job-runner and org.jr.backend=$BACKEND, and volume directories in $VOLUMES_DIR
+(VOLUME_STORAGE=host), whose job is final (or unknown to the state store), except those of jobs that failed with internal_error (kept for jr-retry) unless
 --include-failed or older than --older-than; never anything of a pending or running job. Also
 stale files in $WORKDIR/temp (older than a day) and untagged images of the allowed repositories
 that no container uses. Containers the copy guard flagged as hung are listed, never touched.
-Prints what it removed and the space Docker reports reclaimed."""
+Prints what it removed, the space Docker reports reclaimed and the size of the files removed."""
     epilog = """examples:
   jr-prune --dry-run                      what would go, and how much space
   jr-prune --yes                          remove it without asking
@@ -239,7 +239,7 @@ Prints what it removed and the space Docker reports reclaimed."""
                 ctx.stderr.write(f"{self.name}: {item.kind} {item.name}: {result}\n")
             else:
                 result = "removed"
-                if item.kind == "temp":
+                if item.kind == "temp" or Path(item.ref).is_absolute():
                     temp_freed += item.size or 0
                 log.info(f"Removed {item.kind} {item.name}")
             rows.append(item.row(result))
@@ -253,7 +253,7 @@ Prints what it removed and the space Docker reports reclaimed."""
         )
         ctx.say(
             f"reclaimed {docker_freed} in Docker (docker system df before and after)"
-            + (f" and {service.human_size(temp_freed)} of temp files" if temp_freed else "")
+            + (f" and {service.human_size(temp_freed)} of files" if temp_freed else "")
         )
         return 1 if failed else 0
 
@@ -268,12 +268,17 @@ Prints what it removed and the space Docker reports reclaimed."""
         # Docker first, then the store: a job's row exists before any of its objects, so an
         # object whose job we cannot find really has no job.
         containers = docker.list_containers(config.backend)
-        volumes = docker.list_volumes(config.backend)
-        ids = {
-            job_id_of(c.get("Labels"), c["Names"][0].lstrip("/"))
-            for c in containers
-            if c.get("Names")
-        } | {job_id_of(v.get("Labels"), v["Name"]) for v in volumes}
+        docker_volumes = docker.list_volumes(config.backend)
+        host_volumes = volumes.host_volumes(config)
+        ids = (
+            {
+                job_id_of(c.get("Labels"), c["Names"][0].lstrip("/"))
+                for c in containers
+                if c.get("Names")
+            }
+            | {job_id_of(v.get("Labels"), v["Name"]) for v in docker_volumes}
+            | set(host_volumes)
+        )
         jobs = {job.id: job for job in db_queries.get_jobs(ctx.conn, sorted(i for i in ids if i))}
         sizes = {c["Id"]: c.get("SizeRw") for c in (df or {}).get("Containers") or []}
         vsizes = {
@@ -308,11 +313,16 @@ Prints what it removed and the space Docker reports reclaimed."""
             if job_id in stuck_jobs or not prunable(jobs.get(job_id), args.include_failed, cutoff):
                 continue
             items.append(Item(container_kind(name), name, job_id, sizes.get(c["Id"]), c["Id"]))
-        for v in volumes:
+        for v in docker_volumes:
             job_id = job_id_of(v.get("Labels"), v["Name"])
             if job_id in stuck_jobs or not prunable(jobs.get(job_id), args.include_failed, cutoff):
                 continue
             items.append(Item("volume", v["Name"], job_id, vsizes.get(v["Name"]), v["Name"]))
+        for job_id, path in sorted(host_volumes.items()):
+            # A host-stored volume (VOLUME_STORAGE=host): the directory is the volume.
+            if job_id in stuck_jobs or not prunable(jobs.get(job_id), args.include_failed, cutoff):
+                continue
+            items.append(Item("volume", str(path), job_id, tree_stats(path)[1], str(path)))
         items += self.images(config, df)
         items += stale_temp(config.temp_dir, time.time())
         for name in sorted(set(hung) - names):
@@ -348,6 +358,9 @@ Prints what it removed and the space Docker reports reclaimed."""
 
         if item.kind in ("container", "helper"):
             docker.remove_container(item.ref)
+        elif item.kind == "volume" and Path(item.ref).is_absolute():
+            assert ctx.config is not None
+            volumes.remove_host_dir(ctx.config, Path(item.ref))
         elif item.kind == "volume":
             docker.remove_volume(item.ref)
         elif item.kind == "image":

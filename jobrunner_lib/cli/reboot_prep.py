@@ -153,7 +153,7 @@ Neither needs --yes: both are undone by the other."""
                 else:
                     saved, notes = job, ["pending"]
                 try:
-                    removed = service.remove_job_objects(job.id)
+                    removed = service.remove_job_objects(config, job.id)
                     if removed:
                         notes.append(f"removed {', '.join(removed)}")
                 except (docker.DockerTimeout, DockerException, OSError) as exc:
@@ -172,7 +172,7 @@ Neither needs --yes: both are undone by the other."""
     @staticmethod
     def pending_leftovers(ctx: Context, active: list[Job]) -> list[Job]:
         """Pending jobs that still have Docker objects (e.g. an earlier run of this tool failed)."""
-        from .. import docker
+        from .. import docker, volumes
 
         assert ctx.config is not None
         pending = {j.id: j for j in active if j.state is State.PENDING}
@@ -183,8 +183,8 @@ Neither needs --yes: both are undone by the other."""
         objects = docker.list_containers(ctx.config.backend) + docker.list_volumes(
             ctx.config.backend
         )
-        for obj in objects:
-            job_id = (obj.get("Labels") or {}).get("org.jr.job-id")
+        owners = [(obj.get("Labels") or {}).get("org.jr.job-id") for obj in objects]
+        for job_id in [*owners, *volumes.host_volumes(ctx.config)]:
             if job_id in pending and not service.hung_objects_of(job_id, hung):
                 found.add(job_id)
         return [job for job_id, job in pending.items() if job_id in found]

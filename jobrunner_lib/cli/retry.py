@@ -6,6 +6,7 @@ import logging
 import sqlite3
 
 from .. import db_queries, service
+from ..config import Config
 from ..errors import ConflictError, UsageError
 from ..models import Job, Msg, State, StatusCode, transition
 from .common import Context, Tool, run_tool
@@ -29,29 +30,29 @@ def refusal(job: Job) -> str | None:
     return f"it is {job.state.value}, not failed with internal_error"
 
 
-def resumable(job_id: str) -> bool:
+def resumable(config: Config, job_id: str) -> bool:
     """Whether the job's container and volume are both still there to pick up from."""
-    from .. import docker
+    from .. import docker, volumes
 
-    return docker.inspect_container(
-        docker.container_name(job_id)
-    ) is not None and docker.volume_exists(docker.volume_name(job_id))
+    return docker.inspect_container(docker.container_name(job_id)) is not None and volumes.exists(
+        config, job_id
+    )
 
 
-def retry_job(conn: sqlite3.Connection, job: Job) -> tuple[Job | None, str]:
+def retry_job(config: Config, conn: sqlite3.Connection, job: Job) -> tuple[Job | None, str]:
     """Reset one internal-error job (compare-and-set); (the saved job or None, what was done)."""
     for _ in range(CONFLICT_RETRIES):
         reason = refusal(job)
         if reason is not None:
             return None, f"not retried: {reason}"
-        if resumable(job.id):
+        if resumable(config, job.id):
             # The next pass sees no live worker and starts one, which follows a still-running
             # container, starts a prepared one, or finalises an exited one.
             new = transition(job, State.RUNNING, StatusCode.FINALIZING, Msg.RETRYING, **RESET)
             done = "back to running: the next pass picks up its kept container"
         else:
             # Whatever is left cannot be used; the job starts over from nothing.
-            removed = service.remove_job_objects(job.id)
+            removed = service.remove_job_objects(config, job.id)
             new = transition(job, State.PENDING, StatusCode.CREATED, Msg.CREATED, **RESET)
             done = "back to pending: its container is gone, so it starts over"
             if removed:
@@ -110,15 +111,17 @@ reports the job."""
             return 1
         docker.ping()
         plan = [f"About to retry {len(eligible)} job(s):"]
+        assert ctx.config is not None
         for job in eligible:
-            how = "from its kept container" if resumable(job.id) else "from the start"
+            how = "from its kept container" if resumable(ctx.config, job.id) else "from the start"
             plan.append(f"  retry {how}: {job.id}  {job.action}  ({job.workspace})")
         if not ctx.confirm(plan, "retry"):
             return 1 if refused else 0
         failed = refused
         for job in eligible:
             try:
-                saved, done = retry_job(ctx.conn, job)
+                assert ctx.config is not None
+                saved, done = retry_job(ctx.config, ctx.conn, job)
             except (docker.DockerTimeout, DockerException, OSError) as exc:
                 saved, done = None, f"not retried: {type(exc).__name__}: {exc}"
             if saved is None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import db, db_queries, docker, processes, run
+from jobrunner_lib import db, db_queries, docker, processes, run, volumes
 from jobrunner_lib.cli.formats import read_tsv
 from jobrunner_lib.config import CHECKOUT_DIR, Config, load_config
 from jobrunner_lib.ids import job_id, new_request_id
@@ -195,7 +195,7 @@ def objects(jid: str) -> dict[str, bool]:
     return {
         "container": docker.inspect_container(docker.container_name(jid)) is not None,
         "helper": docker.inspect_container(docker.helper_name(jid)) is not None,
-        "volume": docker.volume_exists(docker.volume_name(jid)),
+        "volume": volumes.exists(load_config(), jid),  # a Docker volume or a host directory
     }
 
 

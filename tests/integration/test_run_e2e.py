@@ -37,6 +37,9 @@ def project(actions: str) -> str:
 
 
 def no_objects_left(rig: Rig) -> None:
+    # A worker cleans up after saving its job's final state: let it finish (a host-stored
+    # volume holding gigabytes takes a moment to delete).
+    rig.wait_workers_gone(timeout=60)
     assert rig.containers() == [], [c["Names"] for c in rig.containers()]
     assert rig.volumes() == [], [v["Name"] for v in rig.volumes()]
 

@@ -96,6 +96,7 @@ def our_objects(daemon: PrivateDockerd, rig: Rig) -> tuple[list[str], list[str]]
     api = daemon.client().api
     containers = [c["Names"][0] for c in api.containers(all=True, filters=filters)]
     volumes = [v["Name"] for v in api.volumes(filters=filters).get("Volumes") or []]
+    volumes += [p.name for p in sorted(rig.volumes_dir.glob("os-volume-*"))]  # host storage
     return containers, volumes
 
 

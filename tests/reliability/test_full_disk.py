@@ -62,8 +62,9 @@ actions:
         out: output/slow.csv
 """
 SCRIPTS = {
-    # write.sh NAME MB: NAME's output of MB mebibytes (written inside the job's volume, on
-    # Docker's disk: only the copy out reaches the small one).
+    # write.sh NAME MB: NAME's output of MB mebibytes (written inside the job's volume, on its
+    # own disk, VOLUMES_DIR, unless the test says otherwise: only the copy out reaches the small
+    # one).
     "analysis/write.sh": (
         'mkdir -p output\ndd if=/dev/zero of="output/$1.csv" bs=1M count="$2" 2>/dev/null\n'
     ),
@@ -252,7 +253,8 @@ def test_a_workdir_that_fills_up_while_jobs_run_loses_nothing_and_jr_carries_on(
 ) -> None:
     with (
         tmpfs(tmp_path / "workdir", "8m") as workdir,
-        rig_at(tmp_path, MAX_WORKERS="1") as rig,
+        # The job volumes on a disk of their own (as Docker's storage is on many hosts).
+        rig_at(tmp_path, MAX_WORKERS="1", VOLUMES_DIR=str(tmp_path / "volumes")) as rig,
     ):
         repo, _ = make_study(tmp_path / "study", PROJECT, SCRIPTS)
         workspace = rig.high / "workspaces" / "test"
@@ -302,6 +304,26 @@ def test_a_workdir_that_fills_up_while_jobs_run_loses_nothing_and_jr_carries_on(
         assert rig.containers() == [] and rig.volumes() == []
         passes_refused = log.count("is its disk full?")
         print(f"job finishing on a full disk: {outcome}; passes refused: {passes_refused}")
+
+
+def test_a_job_that_fills_the_volumes_disk_fails_and_frees_it(tmp_path: Path) -> None:
+    # Host-stored volumes on a small disk of their own: the job's own writes hit the limit.
+    with (
+        tmpfs(tmp_path / "volumes", "8m") as volumes,
+        rig_at(tmp_path, MAX_WORKERS="1", VOLUMES_DIR=str(volumes), VOLUME_STORAGE="host") as rig,
+    ):
+        repo, _ = make_study(tmp_path / "study", PROJECT, SCRIPTS)
+        service = rig.start_service()
+        big = wait_final(rig, one_job(rig, repo, "big"))
+        # dd stops at the full disk and exits non-zero: the job's own failure, said as such.
+        assert (big["state"], big["status_message"]) == ("failed", "Job exited with error code 1")
+        assert os.listdir(volumes) == []  # its volume is gone, and the disk free again
+        assert free_bytes(volumes) > 6 << 20
+        later = wait_final(rig, one_job(rig, repo, "later"))
+        assert later["state"] == "succeeded", later
+        log = stop_service(rig, service)
+        assert "Traceback" not in log, log[-4000:]
+        assert rig.containers() == [] and rig.volumes() == []
 
 
 @pytest.mark.skipif(not SOAK, reason="soak test: JR_SOAK=1 (make soak)")

@@ -206,11 +206,15 @@ def confined(base: Path, config: Config, *workspaces: str) -> Iterator[None]:
         path = base / rel
         if path.parent == work and ".sqlite" in path.name:
             continue  # the job store and the stats store (and their journals)
+        if path.is_relative_to(config.volumes_dir):
+            continue  # inside a job's own volume (host storage): whatever the job made
         assert any(path.is_relative_to(a) for a in allowed), f"written outside: {path}"
         assert stat.S_ISREG(mode), f"not a regular file: {path} ({stat.filemode(mode)})"
         assert not path.name.startswith(".jr-tmp-"), f"temporary file left behind: {path}"
     for rel in set(before) - set(after):
         path = base / rel
+        if path.is_relative_to(config.volumes_dir):
+            continue  # a job's volume, removed with it
         assert any(path.is_relative_to(a) for a in allowed), f"deleted outside: {path}"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -283,10 +284,21 @@ class Rig:
             filters["status"] = ["running"]
         return docker.client().api.containers(all=not running, filters=filters)
 
+    @property
+    def volumes_dir(self) -> Path:
+        """Where this rig's host-stored volumes live (VOLUME_STORAGE=host)."""
+        return Path(self.env.get("VOLUMES_DIR") or self.workdir / "volumes")
+
     def volumes(self) -> list[dict[str, Any]]:
+        """Our Docker volumes, and our host-stored volumes (as {"Name", "Labels", "Path"})."""
         from jobrunner_lib import docker
 
-        return docker.client().api.volumes(filters=self.label_filter()).get("Volumes") or []
+        found = docker.client().api.volumes(filters=self.label_filter()).get("Volumes") or []
+        prefix = docker.volume_name("")
+        for path in sorted(self.volumes_dir.glob(f"{prefix}*")):
+            job_id = path.name[len(prefix) :]
+            found.append({"Name": path.name, "Labels": {"org.jr.job-id": job_id}, "Path": path})
+        return found
 
     def cleanup(self) -> None:
         """Stop our services and workers; remove our containers and volumes; nothing else."""
@@ -303,7 +315,10 @@ class Rig:
                 pass
         for v in self.volumes():
             try:
-                api.remove_volume(v["Name"], force=True)
+                if "Path" in v:
+                    shutil.rmtree(v["Path"])
+                else:
+                    api.remove_volume(v["Name"], force=True)
             except Exception:  # noqa: BLE001
                 pass
 
