@@ -175,7 +175,13 @@ def extract_on_host(
                         _clear(root, parent, rel)
                         os.symlink(member.linkname, last, dir_fd=parent)
                         if uid is not None:
-                            os.chown(last, uid, gid or -1, dir_fd=parent, follow_symlinks=False)
+                            os.chown(
+                                last,
+                                uid,
+                                -1 if gid is None else gid,
+                                dir_fd=parent,
+                                follow_symlinks=False,
+                            )
                     elif member.isreg():
                         _clear(root, parent, rel)
                         source = tar.extractfile(member)

@@ -2,6 +2,10 @@
 
 Every Docker object made here carries `org.jr.test=<session id>` (through JR_EXTRA_LABELS) and is
 removed after each test, pass or fail; nothing else on the engine is touched.
+
+Every test runs with both volume storages (VOLUME_STORAGE=host and docker, volumes.py) through
+the parametrized `config` fixture; a test about one of them asks for it (DOCKER_ONLY, an
+indirect parametrization of `config`), so none is skipped.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import db, db_queries, docker, docker_files, tarstream
+from jobrunner_lib import db, db_queries, docker, docker_files, tarstream, volumes
 from jobrunner_lib.config import CHECKOUT_DIR, Config, load_config
 from jobrunner_lib.executor import ExecutorState, LocalDockerExecutor
 from jobrunner_lib.models import Job, Msg, State, StatusCode, now, transition
@@ -106,8 +110,12 @@ def study(tmp_path_factory) -> tuple[Path, str]:
     return repo, git("rev-parse", "HEAD", cwd=repo)
 
 
-@pytest.fixture
-def config(tmp_path) -> Config:
+STORAGES = ("host", "docker")
+# For a test about one volume storage: `config` is made with that storage only.
+DOCKER_ONLY = pytest.mark.parametrize("config", ["docker"], indirect=True)
+
+
+def make_config(tmp_path: Path, storage: str, **extra: str) -> Config:
     """A dummy-data backend whose workdir and privacy trees live in tmp_path."""
     work = tmp_path / "workdir"
     return load_config(
@@ -118,8 +126,18 @@ def config(tmp_path) -> Config:
             "STATS_POLL_INTERVAL": "0.2",
             "STATS_DATABASE_FILE": str(work / "stats.sqlite"),
             "MAX_WORKERS": "2",
+            "VOLUME_STORAGE": storage,
+            **extra,
         }
     )
+
+
+@pytest.fixture(params=STORAGES)
+def config(request, tmp_path) -> Config:
+    """make_config with each volume storage in turn (or the one a test asks for, indirectly)."""
+    config = make_config(tmp_path, request.param)
+    assert config.volume_storage == request.param
+    return config
 
 
 @pytest.fixture
@@ -191,10 +209,11 @@ def log_dir(config: Config, job: Job) -> Path:
     return found
 
 
-def objects_exist(job: Job) -> tuple[bool, bool]:
+def objects_exist(config: Config, job: Job) -> tuple[bool, bool]:
+    """Whether the job's container and its volume (a Docker volume or a host directory) exist."""
     return (
         docker.inspect_container(docker.container_name(job.id)) is not None,
-        docker.volume_exists(docker.volume_name(job.id)),
+        volumes.exists(config, job.id),
     )
 
 
@@ -225,7 +244,7 @@ def test_success_copies_outputs_by_privacy_level_and_cleans_up(config, jobs):
     }
     assert (high / "metadata/write.log").read_text() == (medium / "metadata/write.log").read_text()
     assert not list(high.rglob(".jr-tmp-*")) and not list(medium.rglob(".jr-tmp-*"))
-    assert objects_exist(job) == (False, False)
+    assert objects_exist(config, job) == (False, False)
     assert docker.inspect_container(docker.helper_name(job.id)) is None
 
 
@@ -289,11 +308,12 @@ def test_logs_trailer_and_full_metadata(config, jobs):
     )
 
 
-def test_configured_memory_and_cpu_limits_are_applied(tmp_path, jobs):
+def test_configured_memory_and_cpu_limits_are_applied(config, tmp_path, jobs):
     config = load_config(
         environ={
             "JR_ENV_FILE": str(tmp_path / "no.env"),
             "WORKDIR": str(tmp_path / "workdir"),
+            "VOLUME_STORAGE": config.volume_storage,
             "JOB_MEMORY_LIMIT": "64M",
             "JOB_CPU_COUNT": "0.5",
             "JOB_PIDS_LIMIT": "64",
@@ -320,7 +340,7 @@ def test_nonzero_exit_fails_but_keeps_log(config, jobs):
     assert (done.state, done.status_code) == (State.FAILED, StatusCode.NONZERO_EXIT)
     assert done.status_message == "Job exited with error code 3" and done.exit_code == 3
     assert "about to fail" in (workspaces(config)[0] / "metadata/fail.log").read_text()
-    assert objects_exist(job) == (False, False)
+    assert objects_exist(config, job) == (False, False)
 
 
 def test_unmatched_pattern_names_the_pattern_and_the_files_written(config, jobs):
@@ -446,7 +466,7 @@ def test_missing_image_is_a_job_error(config, jobs):
     done = drive_job(config, job.id)
     assert (done.state, done.status_code) == (State.FAILED, StatusCode.JOB_ERROR)
     assert done.status_message == "JobError: Docker image python:v999 is not currently available"
-    assert objects_exist(job) == (False, False)
+    assert objects_exist(config, job) == (False, False)
 
 
 def test_internal_error_when_finalising_keeps_container_and_volume(config, jobs, monkeypatch):
@@ -456,7 +476,7 @@ def test_internal_error_when_finalising_keeps_container_and_volume(config, jobs,
     assert (done.state, done.status_code) == (State.FAILED, StatusCode.INTERNAL_ERROR)
     assert done.status_message == "Internal error when finalising job"
     assert "JR_FAULT=finalize" in done.error_detail
-    assert objects_exist(job) == (True, True)
+    assert objects_exist(config, job) == (True, True)
 
 
 def test_worker_restart_finalizes_a_job_whose_container_already_exited(config, conn, jobs):
@@ -496,7 +516,7 @@ def test_cancelled_while_running_is_killed_and_only_logged(config, conn, jobs):
     )
     assert (log_dir(config, done) / "metadata.json").exists()
     assert not workspaces(config)[0].exists()
-    assert objects_exist(job) == (False, False)
+    assert objects_exist(config, job) == (False, False)
 
 
 def test_symlink_output_to_host_file_does_not_leak(config, jobs):
@@ -523,6 +543,7 @@ def counting_listings(monkeypatch) -> list[str]:
     return listed
 
 
+@DOCKER_ONLY  # the helper's listing and stats: host storage reads the directory itself
 def test_literal_outputs_are_found_without_running_the_listing_helper(config, jobs, monkeypatch):
     listed = counting_listings(monkeypatch)
     literal = drive_job(config, jobs.add("write", "python:v1 analysis/write.sh", THREE_LEVELS).id)
@@ -543,6 +564,7 @@ def test_literal_outputs_are_found_without_running_the_listing_helper(config, jo
     assert listed == [globbed.id]
 
 
+@DOCKER_ONLY  # host storage: test_host_volumes.py's link to /etc
 def test_output_directory_symlinked_out_of_the_volume_is_not_followed(config, jobs, monkeypatch):
     # /workspace/output -> /etc: Docker would resolve output/passwd in the helper's own image.
     listed = counting_listings(monkeypatch)
@@ -556,12 +578,14 @@ def test_output_directory_symlinked_out_of_the_volume_is_not_followed(config, jo
     assert not (high / "output").exists() and not (medium / "output").exists()
 
 
+@DOCKER_ONLY  # the guard of the archive API's copies: host storage writes the files itself
 def test_stalled_copy_fails_job_marks_container_hung_and_touches_nothing(config, jobs, monkeypatch):
     config = load_config(
         environ={
             "JR_ENV_FILE": "/nonexistent",
             "WORKDIR": str(config.workdir),
             "COPY_STALL_TIMEOUT": "1",
+            "VOLUME_STORAGE": config.volume_storage,
         }
     )
     job = jobs.add("write", "python:v1 analysis/write.sh", THREE_LEVELS)
@@ -592,6 +616,7 @@ def test_worker_process_runs_a_job_to_success(config, jobs, tmp_path):
         JR_ENV_FILE=str(tmp_path / "no.env"),
         WORKDIR=str(config.workdir),
         PYTHONPATH=str(CHECKOUT_DIR),
+        VOLUME_STORAGE=config.volume_storage,
     )
     started = time.monotonic()
     proc = subprocess.run(
@@ -619,7 +644,7 @@ def test_second_worker_exits_quietly_while_the_lock_is_held(config, jobs):
     with filelock.FileLock(str(path)):
         again = drive_job(config, job.id)
     assert (again.state, again.rev) == (State.RUNNING, job.rev)
-    assert objects_exist(job) == (False, False)
+    assert objects_exist(config, job) == (False, False)
 
 
 def test_worker_exits_75_and_leaves_the_job_when_docker_is_unreachable(config, jobs, tmp_path):
@@ -629,6 +654,7 @@ def test_worker_exits_75_and_leaves_the_job_when_docker_is_unreachable(config, j
         JR_ENV_FILE=str(tmp_path / "no.env"),
         WORKDIR=str(config.workdir),
         PYTHONPATH=str(CHECKOUT_DIR),
+        VOLUME_STORAGE=config.volume_storage,
         DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock",
     )
     proc = subprocess.run(
