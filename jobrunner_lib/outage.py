@@ -92,14 +92,21 @@ def store_unusable(exc: BaseException) -> bool:
     return any(p in text for p in ("disk is full", "disk i/o", "readonly", "locked", "busy"))
 
 
-def disk_name(config: Config, path: Path) -> str | None:
-    """Which of the backend's disks a path is on, in words; None if it is none of them."""
-    places = (
+def backend_disks(config: Config) -> list[tuple[Path, str]]:
+    """The places jr writes to, in words, the most specific first (the privacy trees and the
+    host-stored volumes may live inside the workdir)."""
+    places = [
         (config.high_privacy_storage_base, "the high privacy storage"),
         (config.medium_privacy_storage_base, "the medium privacy storage"),
-        (config.workdir, "the workdir"),
-    )
-    for base, name in places:  # the privacy trees may live inside the workdir: checked first
+    ]
+    if config.volume_storage == "host":
+        places.append((config.volumes_dir, "the job volumes storage"))
+    return [*places, (config.workdir, "the workdir")]
+
+
+def disk_name(config: Config, path: Path) -> str | None:
+    """Which of the backend's disks a path is on, in words; None if it is none of them."""
+    for base, name in backend_disks(config):
         try:
             path.resolve().relative_to(base.resolve())
             return name
@@ -111,11 +118,9 @@ def disk_name(config: Config, path: Path) -> str | None:
 def full_disk_name(config: Config) -> str | None:
     """The backend disk with (almost) no room left, in words; None if not exactly one is full."""
     full: dict[int, str] = {}
-    for base, name in (
-        (config.high_privacy_storage_base, "the high privacy storage"),
-        (config.medium_privacy_storage_base, "the medium privacy storage"),
-        (config.workdir, "the workdir"),
-    ):
+    # The job volumes last: on a disk they share, the other name is the one to give.
+    places = sorted(backend_disks(config), key=lambda place: place[0] == config.volumes_dir)
+    for base, name in places:
         try:
             st = os.statvfs(base)
         except (OSError, AttributeError):  # missing, or Windows (no statvfs)

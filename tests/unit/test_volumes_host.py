@@ -312,3 +312,21 @@ def test_auto_storage_is_host_on_linux_with_a_local_daemon_else_docker(tmp_path,
     assert storage(tmp_path, VOLUME_STORAGE="docker") == "docker"
     monkeypatch.setattr(sys, "platform", "darwin")  # Docker Desktop: the daemon is in a VM
     assert storage(tmp_path) == "docker"
+
+
+def test_a_full_volumes_disk_is_named_as_such_only_with_host_storage(tmp_path):
+    from jobrunner_lib.outage import disk_name
+
+    env = {"WORKDIR": str(tmp_path / "work"), "VOLUMES_DIR": str(tmp_path / "vols")}
+    host = load_config(environ={**env, "VOLUME_STORAGE": "host"}, env_file=tmp_path / "no.env")
+    inside = tmp_path / "vols" / "os-volume-abc" / "output" / "big.bin"
+    assert disk_name(host, inside) == "the job volumes storage"
+    assert disk_name(host, tmp_path / "work" / "db.sqlite") == "the workdir"
+    # By default the volumes live in the workdir: a file there is still the volumes'.
+    default = load_config(
+        environ={"WORKDIR": str(tmp_path / "work"), "VOLUME_STORAGE": "host"},
+        env_file=tmp_path / "no.env",
+    )
+    assert disk_name(default, tmp_path / "work" / "volumes" / "x") == "the job volumes storage"
+    docker = load_config(environ={**env, "VOLUME_STORAGE": "docker"}, env_file=tmp_path / "no.env")
+    assert disk_name(docker, inside) is None
