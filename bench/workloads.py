@@ -38,6 +38,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from benchlib import ROOT, report
 
@@ -64,6 +65,11 @@ BIG_READ = "mkdir -p output\nwc -c < output/big.bin > output/size.txt\n"
 def note(text: str) -> None:
     """A comment line among the figures (kept in the README table, ignored by parsers)."""
     print(f"# {text}", flush=True)
+
+
+def default_storage() -> str:
+    """VOLUME_STORAGE as jr decides it when nothing sets it (host on Linux with a local daemon)."""
+    return load_config(environ=dict(os.environ), env_file=Path(os.devnull) / "none").volume_storage
 
 
 def default_max_workers() -> float:
@@ -206,12 +212,12 @@ def alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] not in "ZX"
 
 
-def run_e2e(study: Path, labels: Labels, jobs: int, timeout: float = 900) -> float:
+def run_e2e(study: Path, labels: Labels, jobs: int, timeout: float = 900, **settings: str) -> float:
     """Submit run_all of `study` in a fresh WORKDIR, run the service until idle; return seconds
-    from the submission to the last job's completion."""
+    from the submission to the last job's completion. `settings` go in jr's environment."""
     with tempfile.TemporaryDirectory(prefix="jr-bench-") as tmp:
         workdir = Path(tmp) / "workdir"
-        env = tool_env(workdir, JR_EXTRA_LABELS=labels.value)
+        env = tool_env(workdir, JR_EXTRA_LABELS=labels.value, **settings)
         service_log = Path(tmp) / "service.log"
         start = time.time()
         subprocess.run(
@@ -266,8 +272,57 @@ def floor_docker_run(labels: Labels, runs: int) -> list[float]:
     return times
 
 
+def run_trivial_job(api: Any, binds: dict, labels: dict[str, str], name: str) -> str:
+    """Create, start and wait for a job container writing one output; inspect it and read its
+    log, as jr's finalize does. Its id."""
+    job = api.create_container(
+        FULL_IMAGE,
+        ["-c", "mkdir -p /workspace/output && echo a > /workspace/output/a.txt"],
+        host_config=binds,
+        labels=labels,
+        name=name,
+    )["Id"]
+    api.start(job)
+    api.wait(job)
+    api.inspect_container(job)
+    api.logs(job, timestamps=True)
+    return job
+
+
+def floor_host_volume_job(labels: Labels, runs: int) -> list[float]:
+    """The work jr's host storage (VOLUME_STORAGE=host) does for one trivial job, bare, per job.
+
+    A directory with the code written in it, the job container created with it bind-mounted,
+    started and waited for, inspected, its log read, the output read on the host, the container
+    removed and the directory deleted: `docker run --rm`'s work plus a few file operations.
+    """
+    from jobrunner_lib import docker as jr_docker
+
+    api = jr_docker.client().api
+    key, _, value = labels.value.partition("=")
+    times = []
+    with tempfile.TemporaryDirectory(prefix="jr-bench-floor-") as tmp:
+        for _ in range(runs):
+            name = f"jr-bench-floor-{uuid.uuid4().hex[:12]}"
+            start = time.perf_counter()
+            root = Path(tmp) / name
+            (root / "analysis").mkdir(parents=True)
+            (root / "analysis/x.sh").write_text(TRIVIAL)
+            root.chmod(0o777)
+            binds = api.create_host_config(
+                binds={str(root): {"bind": "/workspace", "mode": "rw"}}, network_mode="none"
+            )
+            job = run_trivial_job(api, binds, {key: value}, name)
+            (root / "output/a.txt").read_bytes()
+            api.remove_container(job)
+            shutil.rmtree(root)
+            times.append(time.perf_counter() - start)
+    return times
+
+
 def floor_volume_job(labels: Labels, runs: int) -> list[float]:
-    """The Docker work jr's design does for one trivial job, as bare SDK calls, per job.
+    """The Docker work jr's Docker storage (VOLUME_STORAGE=docker) does for one trivial job, as
+    bare SDK calls, per job.
 
     A volume, a stopped helper holding it, the code copied in (put_archive), the job container
     created, started and waited for, inspected, its log read, one output stat'd and copied out
@@ -299,17 +354,7 @@ def floor_volume_job(labels: Labels, runs: int) -> list[float]:
             "jr-busybox", ["true"], host_config=binds, labels=label, name=f"{name}-h"
         )["Id"]
         api.put_archive(helper, "/", code.getvalue())
-        job = api.create_container(
-            FULL_IMAGE,
-            ["-c", "mkdir -p /workspace/output && echo a > /workspace/output/a.txt"],
-            host_config=binds,
-            labels=label,
-            name=name,
-        )["Id"]
-        api.start(job)
-        api.wait(job)
-        api.inspect_container(job)
-        api.logs(job, timestamps=True)
+        job = run_trivial_job(api, binds, label, name)
         api.head(api._url("/containers/{0}/archive", helper), params={"path": "/workspace/output"})
         stream, _stat = api.get_archive(helper, "/workspace/output/a.txt")
         b"".join(stream)
@@ -330,7 +375,6 @@ class Ctx:
     tmp: Path
     max_workers: float
     floors: list[float] = field(default_factory=list)
-    volume_floors: list[float] = field(default_factory=list)
 
     @property
     def runs(self) -> int:
@@ -343,11 +387,10 @@ class Ctx:
         self.floors.append(sample)
         return sample
 
-    def volume_floor_sample(self) -> float:
-        """The per-job floor of jr's design now (floor_volume_job), the median of three."""
-        sample = statistics.median(floor_volume_job(self.labels, 3))
-        self.volume_floors.append(sample)
-        return sample
+    def volume_floor_sample(self, storage: str) -> float:
+        """The per-job floor of jr's design now with this VOLUME_STORAGE, the median of three."""
+        floor = floor_host_volume_job if storage == "host" else floor_volume_job
+        return statistics.median(floor(self.labels, 3))
 
 
 def e2e(
@@ -356,18 +399,21 @@ def e2e(
     actions: Sequence[str],
     files: dict[str, str] | None = None,
     volume_floor: list[float] | None = None,
+    storage: str | None = None,
 ) -> tuple[list[float], list[float]]:
     """(jr's end-to-end seconds, the per-job floor measured just before) for each run.
 
-    Given a list, volume_floor gets the per-job floor of jr's design measured alongside.
+    storage sets VOLUME_STORAGE (None: jr's default here). Given a list, volume_floor gets the
+    per-job floor of jr's design with that storage, measured alongside.
     """
     study, _sha = make_study(ctx.tmp / name, project(actions), files or FILES)
+    settings = {"VOLUME_STORAGE": storage} if storage else {}
     jr, floor = [], []
     for _ in range(ctx.runs):
         floor.append(ctx.floor_sample())
         if volume_floor is not None:
-            volume_floor.append(ctx.volume_floor_sample())
-        jr.append(run_e2e(study, ctx.labels, len(actions)))
+            volume_floor.append(ctx.volume_floor_sample(storage or default_storage()))
+        jr.append(run_e2e(study, ctx.labels, len(actions), **settings))
     return jr, floor
 
 
@@ -389,18 +435,24 @@ def w10(ctx: Ctx) -> None:
 def w20chain(ctx: Ctx) -> None:
     n = 5 if ctx.quick else 20
     names = [f"c{i:02d}" for i in range(n)]
+    actions = [trivial(a, needs=names[i - 1 : i]) for i, a in enumerate(names)]
     design: list[float] = []
-    samples, floor = e2e(
-        ctx,
-        "W20chain",
-        [trivial(a, needs=names[i - 1 : i]) for i, a in enumerate(names)],
-        volume_floor=design,
-    )
+    samples, floor = e2e(ctx, "W20chain", actions, volume_floor=design)
+    storage = default_storage()
+    note(f"W{n}chain: VOLUME_STORAGE={storage} (jr's default here)")
     report(f"W{n}chain_e2e", samples, floor=scaled(floor, n))
     report(f"W{n}chain_per_job", scaled(samples, 1 / n), floor=floor)
-    # The same per-job time against the Docker work jr's design needs (see floor_volume_job).
+    # The same per-job time against the bare work of jr's design (floor_host_volume_job).
     report(f"W{n}chain_per_job_vs_design_floor", scaled(samples, 1 / n), floor=design)
-    report("floor_volume_job_vs_docker_run", design, floor=floor)
+    report(f"floor_{storage}_volume_job_vs_docker_run", design, floor=floor)
+    if storage == "docker" or ctx.quick:
+        return
+    # The other storage, side by side: volumes in Docker, files through its archive API.
+    design = []
+    samples, floor = e2e(ctx, "W20chain", actions, volume_floor=design, storage="docker")
+    report(f"W{n}chain_docker_storage_per_job", scaled(samples, 1 / n), floor=floor)
+    report(f"W{n}chain_docker_storage_vs_design_floor", scaled(samples, 1 / n), floor=design)
+    report("floor_docker_volume_job_vs_docker_run", design, floor=floor)
 
 
 def w50fan(ctx: Ctx) -> None:

@@ -131,6 +131,7 @@ class Driver:
                     phase = "running"
                     self.set_step(StatusCode.EXECUTING, Msg.RUNNING)
                     self.wait()
+                    known = ExecutorState.EXECUTED  # wait() returns once the container stopped
                 elif state is ExecutorState.EXECUTED:
                     phase = "finalizing"
                     self.set_step(StatusCode.FINALIZING, Msg.FINALIZING)

@@ -238,7 +238,6 @@ class LocalDockerExecutor(Executor):
         inputs = self._input_files(job)
 
         # Whatever an interrupted attempt left behind is half-filled: start again from nothing.
-        docker.remove_container(docker.helper_name(job.id))
         volumes.reset(self.config, job.id)
         host_root = volumes.create(self.config, job.id)
         helper = None if host_root else docker_files.create_helper(self.config, job.id)

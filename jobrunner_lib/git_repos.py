@@ -7,6 +7,7 @@ Each repo gets a bare repo `repos_dir/<name>.git` holding only the commits jobs 
 from __future__ import annotations
 
 import base64
+import io
 import logging
 import os
 import re
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 _sleep: Callable[[float], None] = time.sleep
 
 ATTEMPTS = 5
+# Archives up to this size are kept in memory, per process, for the jobs that follow.
+ARCHIVE_CACHE_BYTES = 16 * 2**20
+_archives: dict[tuple[str, str], bytes] = {}
 FETCHED_TAG_PREFIX = "refs/tags/fetched/"
 # git's magic number for "all of history" (see git's Documentation/technical/shallow.txt).
 _FULL_DEPTH = 2147483647
@@ -316,11 +320,52 @@ def read_file(repo_dir: Path, commit: str, path: str) -> bytes | None:
 
 
 def archive(repo_dir: Path, commit: str) -> IO[bytes]:
-    """A stream of `git archive --format=tar` of `commit`; the caller must close it."""
+    """A stream of `git archive --format=tar` of `commit`; the caller must close it.
+
+    A small archive is kept in memory (a commit's tree never changes): a worker drives many jobs
+    of one request, and their code then comes from git once, not once a job.
+    """
     _check_sha(commit)
+    key = (str(repo_dir), commit)
+    if key in _archives:
+        return io.BytesIO(_archives[key])
     if not _has_loose_tag(repo_dir, commit):  # with the marker the commit is known to be there
         _check_commit_present(repo_dir, commit)
-    return _git_stream(f"--git-dir={repo_dir}", "archive", "--format=tar", commit)
+    stream = _git_stream(f"--git-dir={repo_dir}", "archive", "--format=tar", commit)
+    try:
+        head = stream.read(ARCHIVE_CACHE_BYTES + 1)  # all of it, or more than we keep
+    except BaseException:
+        stream.close()
+        raise
+    if len(head) > ARCHIVE_CACHE_BYTES:
+        return io.BufferedReader(_Prefixed(head, stream))
+    stream.close()  # at its end: git's exit status has been checked
+    if sum(map(len, _archives.values())) + len(head) > ARCHIVE_CACHE_BYTES:
+        _archives.clear()
+    _archives[key] = head
+    return io.BytesIO(head)
+
+
+class _Prefixed(io.RawIOBase):
+    """Bytes already read from a stream, then the rest of the stream."""
+
+    def __init__(self, head: bytes, rest: IO[bytes]):
+        self._head, self._rest = memoryview(head), rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        return self._rest.readinto(buffer)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self._rest.close()
+        super().close()
 
 
 def _check_commit_present(repo_dir: Path, commit: str) -> None:

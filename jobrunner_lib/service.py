@@ -103,8 +103,11 @@ def remove_job_objects(config: Config, job_id: str) -> list[str]:
     for kind, name in present:
         if kind != "volume":
             docker.remove_container(name)
-    if any(kind == "volume" for kind, _ in present):
-        volumes.reset(config, job_id)  # in either storage
+    for kind, name in present:
+        if kind == "volume" and name == docker.volume_name(job_id):
+            docker.remove_volume(name)
+        elif kind == "volume":
+            volumes.remove_host_dir(config, Path(name))
     return [name for _, name in present]
 
 

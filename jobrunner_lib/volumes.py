@@ -102,9 +102,19 @@ def remove(config: Config, job_id: str) -> None:
 
 
 def reset(config: Config, job_id: str) -> None:
-    """Remove whatever an interrupted preparation left, in either storage."""
-    docker.remove_volume(docker.volume_name(job_id))
-    remove_host_dir(config, host_dir(config, job_id))
+    """Remove whatever an interrupted preparation left: its helper and volume.
+
+    With host storage and no directory left, there is nothing (a helper is only ever made
+    for a directory), so no Docker call is made. Objects of an attempt made with the other
+    storage before VOLUME_STORAGE changed are left to jr-prune.
+    """
+    leftover = on_host(config, job_id)
+    if config.volume_storage != "host" or leftover:
+        docker.remove_container(docker.helper_name(job_id))
+    if config.volume_storage != "host":
+        docker.remove_volume(docker.volume_name(job_id))
+    if leftover:
+        remove_host_dir(config, host_dir(config, job_id))
 
 
 def remove_host_dir(config: Config, path: Path) -> None:

@@ -349,7 +349,8 @@ def git_children() -> set[int]:
 
 @pytest.mark.timeout(20)
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
-def test_archive_closed_early_reaps_git(study, tmp_path):
+def test_archive_closed_early_reaps_git(study, tmp_path, monkeypatch):
+    monkeypatch.setattr(git_repos, "ARCHIVE_CACHE_BYTES", 1024)  # streamed, not kept
     commit = sha(study, "main")
     repo = git_repos.ensure_commit(str(study), commit, repos_dir=tmp_path)
     before = git_children()
@@ -359,6 +360,27 @@ def test_archive_closed_early_reaps_git(study, tmp_path):
     assert running  # blocked writing the rest of a tar bigger than the pipe buffer
     stream.close()
     assert not any(Path(f"/proc/{pid}").exists() for pid in running)  # gone, not a zombie
+
+
+def test_a_small_archive_comes_from_git_once_and_a_big_one_streams_whole(
+    study, tmp_path, monkeypatch
+):
+    commit = sha(study, "main")
+    repo = git_repos.ensure_commit(str(study), commit, repos_dir=tmp_path)
+    monkeypatch.setattr(git_repos, "_archives", {})
+    runs = []
+    real = git_repos._git_stream
+    monkeypatch.setattr(git_repos, "_git_stream", lambda *a: runs.append(a) or real(*a))
+    with git_repos.archive(repo, commit) as first, git_repos.archive(repo, commit) as second:
+        whole = first.read()
+        assert second.read() == whole and len(runs) == 1  # the second from memory
+    assert len(whole) > 10_000  # several pipe reads' worth
+    # Over the limit: what was read to find out, then the rest of git's stream, unchanged.
+    monkeypatch.setattr(git_repos, "_archives", {})
+    monkeypatch.setattr(git_repos, "ARCHIVE_CACHE_BYTES", 1000)
+    with git_repos.archive(repo, commit) as streamed:
+        assert streamed.read() == whole
+    assert git_repos._archives == {} and len(runs) == 2
 
 
 def test_stream_raises_when_git_fails(study, tmp_path):
@@ -440,6 +462,7 @@ def test_inherited_git_dir_does_not_redirect_commands(study, tmp_path, monkeypat
 def test_a_fetched_commit_is_archived_with_one_git_process_packed_marker_or_not(
     study, tmp_path, monkeypatch
 ):
+    monkeypatch.setattr(git_repos, "ARCHIVE_CACHE_BYTES", 0)  # each archive asks git
     commit = sha(study, "main~2")
     repo = git_repos.ensure_commit(str(study), commit, repos_dir=tmp_path / "repos")
     expected = tarfile.open(fileobj=git_repos.archive(repo, commit), mode="r|").getnames()
