@@ -378,7 +378,8 @@ class Ctx:
 
     @property
     def runs(self) -> int:
-        return 1 if self.quick else 3
+        # Five: a trivial job's time varies by a tenth from run to run on a shared machine.
+        return 1 if self.quick else 5
 
     def floor_sample(self) -> float:
         """The per-job floor now: the median of three `docker run --rm`. Measured right before
