@@ -106,6 +106,10 @@ class Usage:
         }
 
 
+# Seconds into a job before its first resource sample.
+FIRST_SAMPLE_AFTER = 1.0
+
+
 class Sampler:
     """A thread sampling one container every `interval` seconds until stopped."""
 
@@ -119,7 +123,9 @@ class Sampler:
         self._thread = threading.Thread(target=self._run, name=f"stats {job_id}", daemon=True)
 
     def start(self) -> Sampler:
-        """Start sampling (the first sample is taken at once, so short jobs get one too)."""
+        """Start sampling; the first sample after FIRST_SAMPLE_AFTER seconds (or the interval, if
+        shorter). A stats call makes the daemon work beside the job: a job of a few hundred
+        milliseconds finishes sooner without one, and its usage is not worth knowing."""
         self._thread.start()
         return self
 
@@ -132,6 +138,8 @@ class Sampler:
     def _run(self) -> None:
         conn = None
         try:
+            if self._stop.wait(min(self.interval, FIRST_SAMPLE_AFTER)):
+                return  # over before its first sample
             if self.stats_file is not None:
                 conn = connect(self.stats_file)
             while not self._stop.is_set():

@@ -318,6 +318,23 @@ def test_usage_tracks_peak_memory_cpu_time_and_percentage(tmp_path):
     assert "T" in stamp and not stamp.endswith("Z") and data == '{"containers": {}}'
 
 
+def test_a_job_over_before_its_first_sample_is_not_sampled_a_longer_one_is(monkeypatch):
+    calls: list[str] = []
+    sample = {"memory_stats": {"usage": 500}, "cpu_stats": {"cpu_usage": {"total_usage": 10**9}}}
+    monkeypatch.setattr(docker, "container_stats", lambda name: calls.append(name) or sample)
+    monkeypatch.setattr(stats, "FIRST_SAMPLE_AFTER", 0.3)
+    short = stats.Sampler("os-job-short", "short", 1.0, None).start()
+    time.sleep(0.1)  # a trivial job: the daemon is left alone while it runs
+    assert short.stop()["samples"] == 0 and calls == []
+    longer = stats.Sampler("os-job-long", "long", 0.05, None).start()
+    deadline = time.monotonic() + 10
+    while len(calls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    summary = longer.stop()
+    assert summary["samples"] >= 2 and summary["peak_memory_bytes"] == 500
+    assert set(calls) == {"os-job-long"}
+
+
 def test_remove_stale_temps_removes_only_temp_files_of_writers_that_no_longer_run(tmp_path):
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
