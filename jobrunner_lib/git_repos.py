@@ -313,7 +313,9 @@ def commit_reachable_from(
 
 def read_file(repo_dir: Path, commit: str, path: str) -> bytes | None:
     """Contents of `path` at `commit` in a local repo; None if there is no such file there."""
-    _check_commit_present(repo_dir, commit)
+    _check_sha(commit)
+    if not _has_loose_tag(repo_dir, commit):  # with the marker the commit is known to be there
+        _check_commit_present(repo_dir, commit)
     # The argument starts with the sha, so a path can never be taken for an option.
     result = _repo_git(repo_dir, "cat-file", "blob", f"{commit}:{path}")
     return result.stdout if result.returncode == 0 else None

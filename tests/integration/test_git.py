@@ -459,6 +459,22 @@ def test_inherited_git_dir_does_not_redirect_commands(study, tmp_path, monkeypat
     assert "fetched/" not in run("tag", cwd=study)
 
 
+def test_a_file_of_a_fetched_commit_is_read_with_one_git_process(study, tmp_path, monkeypatch):
+    commit = sha(study, "main")
+    repo = git_repos.ensure_commit(str(study), commit, repos_dir=tmp_path / "repos")
+    calls: list[tuple[str, ...]] = []
+    real = git_repos._repo_git
+    monkeypatch.setattr(
+        git_repos,
+        "_repo_git",
+        lambda repo_dir, *args, **kw: calls.append(args) or real(repo_dir, *args, **kw),
+    )
+    assert git_repos.read_file(repo, commit, "project.yaml") is not None
+    assert [a[:2] for a in calls] == [("cat-file", "blob")]  # the marker vouches for the commit
+    with pytest.raises(git.GitError):  # without it, git is asked (and says no)
+        git_repos.read_file(repo, sha(study, "main~1"), "project.yaml")
+
+
 def test_a_fetched_commit_is_archived_with_one_git_process_packed_marker_or_not(
     study, tmp_path, monkeypatch
 ):
