@@ -205,7 +205,7 @@ def extract_on_host(
 
 
 def _set_mode(fd: int, mode: int, uid: int | None, gid: int | None) -> None:
-    os.fchmod(fd, mode & 0o7777)
+    os.fchmod(fd, mode & 0o777)  # never set-user-ID and the like, whatever the archive says
     if uid is not None:
         os.fchown(fd, uid, gid if gid is not None else -1)
 

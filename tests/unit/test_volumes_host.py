@@ -167,6 +167,19 @@ def test_an_existing_directory_is_replaced_by_a_file_and_a_file_by_a_directory(r
     assert (root / "d").is_dir() and (root / "d" / "x.txt").read_bytes() == b"inside"
 
 
+def test_a_set_user_id_or_sticky_mode_in_the_stream_is_never_applied(root):
+    extract(
+        root,
+        dir_member("workspace/shared", 0o1777),
+        file_member("workspace/shared/tool", b"#!/bin/sh\n", 0o4755),
+        file_member("workspace/group", b"x", 0o2755),
+    )
+    modes = [
+        stat.S_IMODE((root / rel).lstat().st_mode) for rel in ("shared", "shared/tool", "group")
+    ]
+    assert modes == [0o777, 0o755, 0o755]
+
+
 def test_modes_are_applied_exactly_whatever_the_umask(root):
     old = os.umask(0o077)
     try:
