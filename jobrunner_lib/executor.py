@@ -240,7 +240,6 @@ class LocalDockerExecutor(Executor):
         # Whatever an interrupted attempt left behind is half-filled: start again from nothing.
         volumes.reset(self.config, job.id)
         host_root = volumes.create(self.config, job.id)
-        helper = None if host_root else docker_files.create_helper(self.config, job.id)
 
         repo_url = job.action_repo_url or job.repo_url
         commit = job.action_commit or job.commit or ""
@@ -260,8 +259,9 @@ class LocalDockerExecutor(Executor):
                 chunks = self._volume_tar(job, repo_url, commit, code, inputs, owner)
                 volumes.extract_on_host(host_root, chunks, owner, self.progress)
             else:
+                helper = docker_files.create_helper(self.config, job.id)
                 docker_files.put_archive(
-                    helper or "",
+                    helper,
                     "/",
                     self._volume_tar(job, repo_url, commit, code, inputs),
                     progress=self.progress,
