@@ -129,3 +129,61 @@ def full_disk_name(config: Config) -> str | None:
             # Keyed by filesystem: the privacy trees often share the workdir's disk.
             full.setdefault(os.stat(base).st_dev, name)
     return next(iter(full.values())) if len(full) == 1 else None
+
+
+# ---- a reserve of room on the state store's disk ---------------------------------------------
+
+RESERVE_NAME = "disk-reserve"
+RESERVE_MAX = 32 * 2**20
+SQLITE_FULL = 13
+
+
+def store_full(exc: BaseException) -> bool:
+    """Whether a state store error says its disk is full."""
+    if not isinstance(exc, sqlite3.Error):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF == SQLITE_FULL if code is not None else "disk is full" in str(exc).lower()
+
+
+def reserve_path(config: Config) -> Path:
+    """`$WORKDIR/locks/disk-reserve`: room kept on the state store's disk."""
+    return config.workdir / "locks" / RESERVE_NAME
+
+
+def keep_reserve(config: Config) -> None:
+    """Keep a reserve file on the state store's disk: 1/20 of the disk, at most 32 MiB.
+
+    A job whose volume shares that disk can fill it; then nothing can be recorded, not even the
+    job's failure, and its volume (the space) stays. Freeing the reserve (release_reserve) gives
+    the worker room to record the job's end, after which its volume is removed. Made only while
+    there is plenty of room; a cheap check when the file exists.
+    """
+    path = reserve_path(config)
+    if path.exists():
+        return
+    tmp = path.with_name(f".{RESERVE_NAME}.{os.getpid()}")
+    try:
+        st = os.statvfs(config.workdir)
+        size = min(RESERVE_MAX, st.f_blocks * st.f_frsize // 20)
+        if size <= 0 or st.f_bavail * st.f_frsize < 4 * size:
+            return  # not now: room is short already
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as out:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(out.fileno(), 0, size)  # real blocks, not a sparse file
+            else:
+                for _ in range(0, size, 2**20):
+                    out.write(b"\0" * 2**20)
+        os.replace(tmp, path)
+    except (OSError, AttributeError):  # no statvfs (Windows) or no room after all
+        tmp.unlink(missing_ok=True)
+
+
+def release_reserve(config: Config) -> bool:
+    """Delete the reserve (the state store's disk is full); whether there was one to free."""
+    try:
+        os.unlink(reserve_path(config))
+    except OSError:
+        return False
+    return True

@@ -33,7 +33,7 @@ from .errors import (
 )
 from .executor import Executor, LocalDockerExecutor
 from .models import Job, State
-from .outage import store_unusable
+from .outage import release_reserve, store_full, store_unusable
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         *config.database_urls.values(),
     ):
         logs.register_secret(secret)
-    job_id = args[0]
+    return _drive_from(config, args[0])
+
+
+def _drive_from(config: Config, job_id: str, *, may_free_reserve: bool = True) -> int:
+    """Drive job_id, then the jobs this worker takes after it; the exit code."""
     try:
         for driven in range(1, MAX_JOBS_PER_WORKER + 1):
             taken: list[str | None] = []
@@ -204,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         if not store_unusable(exc):
             log.exception(f"Worker for job {job_id} crashed")
             return EXIT_INTERNAL
+        if may_free_reserve and store_full(exc) and release_reserve(config):
+            # The job's volume may be what filled the disk: with room to record its end, the
+            # volume goes, and the disk with it.
+            log.warning(f"The state store's disk is full: freed its reserve for job {job_id}")
+            return _drive_from(config, job_id, may_free_reserve=False)
         # A full disk under the state store: nothing can be recorded; the next worker carries on.
         log.error(f"The state store is unusable ({exc}); job {job_id} left for the next worker")
         return EXIT_TEMPFAIL

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -10,9 +11,11 @@ import sqlite3
 from ..config import Config
 from ..errors import TemporaryFailure
 from ..logs import one_line
-from ..outage import store_unusable
+from ..outage import keep_reserve, release_reserve, store_full, store_unusable
 from ..run import run_pass
 from .common import Context, Tool, run_tool
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ["id", "action", "workspace", "from", "to", "status_code", "message"]
 
@@ -105,7 +108,15 @@ Prints one row per job state change. Exit 75 if another pass holds the lock or D
             ) from None
         try:
             check_docker(config)
-            changes = run_pass(config, ctx.conn)
+            keep_reserve(config)  # before any job this pass starts can fill the disk
+            try:
+                changes = run_pass(config, ctx.conn)
+            except sqlite3.Error as exc:
+                if not (store_full(exc) and release_reserve(config)):
+                    raise
+                # Room to record what happened, e.g. the job whose volume filled the disk.
+                log.warning("The state store's disk is full: freed its reserve to carry on")
+                changes = run_pass(config, ctx.conn)
         except sqlite3.Error as exc:
             if not store_unusable(exc) or "locked" in str(exc) or "busy" in str(exc):
                 raise  # a busy store is reported by the common error mapping

@@ -326,6 +326,31 @@ def test_a_job_that_fills_the_volumes_disk_fails_and_frees_it(tmp_path: Path) ->
         assert rig.containers() == [] and rig.volumes() == []
 
 
+def test_a_job_filling_the_disk_it_shares_with_the_store_ends_and_frees_it(tmp_path: Path) -> None:
+    # The default layout: volumes in the workdir, beside the state store. The job fills the
+    # disk; without the reserve jr-run-once frees, nothing could record its end, and its volume
+    # would hold the disk full for ever.
+    with (
+        tmpfs(tmp_path / "workdir", "8m") as workdir,
+        rig_at(tmp_path, MAX_WORKERS="1", VOLUME_STORAGE="host") as rig,
+    ):
+        repo, _ = make_study(tmp_path / "study", PROJECT, SCRIPTS)
+        service = rig.start_service()
+        big = wait_final(rig, one_job(rig, repo, "big"), timeout=60)
+        assert big["state"] == "failed", big
+        assert big["status_message"] in (HIGH_FULL, "Job exited with error code 1"), big
+        assert os.listdir(workdir / "volumes") == []  # its volume is gone, the disk free again
+        assert free_bytes(workdir) > 4 << 20
+        later = wait_final(rig, one_job(rig, repo, "later"), timeout=60)
+        assert later["state"] == "succeeded", later
+        log = stop_service(rig, service)
+        assert "freed its reserve" in log, log[-4000:]
+        assert "Traceback" not in log, log[-4000:]
+        assert (workdir / "locks" / "disk-reserve").exists()  # made again once there was room
+        assert integrity(rig.db_path) == "ok"
+        assert leftovers(workdir) == [] and rig.containers() == [] and rig.volumes() == []
+
+
 @pytest.mark.skipif(not SOAK, reason="soak test: JR_SOAK=1 (make soak)")
 def test_soak_many_jobs_racing_for_a_small_high_privacy_disk(tmp_path: Path) -> None:
     """Jobs of random sizes fill a 16 MiB disk three at a time: each succeeds or says disk full.
