@@ -123,7 +123,17 @@ def stop_service(proc: subprocess.Popen[bytes], rig: Rig) -> str:
     """SIGTERM a looping service; it must exit 0. Its log."""
     assert proc.poll() is None, "the service died:\n" + rig.service_log(proc)[-4000:]
     proc.send_signal(signal.SIGTERM)  # the loop only: it lets its current step finish
-    assert proc.wait(timeout=60) == 0, rig.service_log(proc)[-4000:]
+    try:
+        code = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        # Say what the step it waits for is doing (the log and the workers' log), then stop it.
+        workers = (rig.workdir / "logs" / "workers.log").read_text(errors="replace")[-3000:]
+        rig.kill_group(proc)
+        pytest.fail(
+            f"the service did not stop in 60s after SIGTERM:\n{rig.service_log(proc)[-3000:]}"
+            f"\n--- workers.log:\n{workers}"
+        )
+    assert code == 0, rig.service_log(proc)[-4000:]
     return rig.service_log(proc)
 
 
