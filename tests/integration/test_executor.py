@@ -140,13 +140,6 @@ def config(request, tmp_path) -> Config:
     return config
 
 
-@pytest.fixture
-def conn(config):
-    connection = db.connect(config.db_path)
-    yield connection
-    connection.close()
-
-
 class Jobs:
     """Inserts claimed (running/preparing) jobs straight into the store, as the pass would."""
 
@@ -183,11 +176,6 @@ class Jobs:
         job = transition(job, State.RUNNING, StatusCode.PREPARING, Msg.PREPARING, attempts=1)
         db_queries.insert_request(self.conn, request, [job])
         return job
-
-
-@pytest.fixture
-def jobs(conn, study) -> Jobs:
-    return Jobs(conn, study)
 
 
 THREE_LEVELS = {

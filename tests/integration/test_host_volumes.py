@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import db, docker, docker_files, volumes
+from jobrunner_lib import docker, docker_files, volumes
 from jobrunner_lib.config import Config
 from jobrunner_lib.executor import LocalDockerExecutor
 from jobrunner_lib.models import State, StatusCode
@@ -82,18 +82,6 @@ def config(request, tmp_path) -> Config:
     config = make_config(tmp_path, storage)
     assert config.volume_storage == storage
     return config
-
-
-@pytest.fixture
-def conn(config):
-    connection = db.connect(config.db_path)
-    yield connection
-    connection.close()
-
-
-@pytest.fixture
-def jobs(conn, study) -> Jobs:
-    return Jobs(conn, study)
 
 
 def recording(monkeypatch, module, name: str) -> list[tuple]:
