@@ -374,12 +374,16 @@ def run_lock(config: Config, timeout: float) -> Any:
 def after_job(config: Config, lock: Any, *, take_next: bool = False) -> str | None:
     """A job just ended: run a pass now (lock: the run lock, held by the caller, or None if busy).
 
-    Without the lock no pass runs (someone else's is running). Either way the wake file is
-    touched afterwards, so the service loop syncs the new state and passes again without
-    sleeping. With take_next the first job the pass starts is recorded as driven by this process
-    (the finishing worker, warm and connected) instead of a new one; its id is returned.
+    Without the lock no pass runs (someone else's is running). With take_next the first job the
+    pass starts is recorded as driven by this process (the finishing worker, warm and connected)
+    instead of a new one; its id is returned. The wake file is touched afterwards (the service
+    loop then syncs and passes again without sleeping) when the service has something to do: a
+    jobs website to tell of the new state, or a pass to run because this one could not, or to
+    notice that this worker drives nothing more (the queue may be empty). A service pass after
+    every job of a warm worker would otherwise only redo this one, on the CPUs the jobs use.
     """
     taken: list[str] = []
+    handed_over = False
     try:
         if lock is None:
             return None
@@ -399,9 +403,11 @@ def after_job(config: Config, lock: Any, *, take_next: bool = False) -> str | No
             run_pass(config, conn, spawn=spawn)
         finally:
             conn.close()
+        handed_over = bool(taken)
         return taken[0] if taken else None
     finally:
-        try:
-            config.wake_path.touch()
-        except OSError:
-            pass
+        if config.has_job_server or not handed_over:
+            try:
+                config.wake_path.touch()
+            except OSError:
+                pass

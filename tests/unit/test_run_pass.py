@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -18,7 +19,7 @@ import pytest
 from jobrunner_lib import db, db_queries, processes
 from jobrunner_lib.config import CHECKOUT_DIR, Config
 from jobrunner_lib.models import Job, Msg, State, StatusCode
-from jobrunner_lib.run import WORKER_DIED, Change, run_pass
+from jobrunner_lib.run import WORKER_DIED, Change, after_job, run_lock, run_pass
 
 
 class Workers:
@@ -604,3 +605,48 @@ def test_worker_alive_rejects_a_reused_pid() -> None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not processes.worker_alive(proc.pid, started)
+
+
+@pytest.mark.parametrize(
+    ("website", "pending", "expect_taken", "expect_wake"),
+    [
+        # A warm worker takes the next job: the service has nothing to sync and need not pass.
+        (False, True, True, False),
+        # It takes nothing: the service must look (the queue may be empty: --until-idle ends).
+        (False, False, False, True),
+        # A jobs website is to hear of the ended job now, whatever the worker does next.
+        (True, True, True, True),
+    ],
+)
+def test_after_job_wakes_the_service_only_when_it_has_something_to_do(
+    tmp_path: Path,
+    conn: sqlite3.Connection,
+    website: bool,
+    pending: bool,
+    expect_taken: bool,
+    expect_wake: bool,
+) -> None:
+    config = make_config(tmp_path)
+    if website:
+        config = dataclasses.replace(config, job_server_endpoint="http://127.0.0.1:9/api/v2")
+    if pending:
+        add(conn, "next")
+    lock = run_lock(config, 1)
+    try:
+        taken = after_job(config, lock, take_next=True)
+    finally:
+        lock.release()
+    assert (taken == "next") is expect_taken
+    if expect_taken:
+        assert get(conn, "next").worker_pid == os.getpid()
+    assert config.wake_path.exists() is expect_wake
+
+
+def test_after_job_without_the_run_lock_wakes_the_service_to_pass(
+    tmp_path: Path, conn: sqlite3.Connection
+) -> None:
+    config = make_config(tmp_path)
+    add(conn, "next")
+    assert after_job(config, None, take_next=True) is None
+    assert get(conn, "next").state is State.PENDING  # no pass ran here: the service's will
+    assert config.wake_path.exists()
