@@ -748,7 +748,9 @@ def run(names: Sequence[str], quick: bool) -> None:
     note(
         f"MAX_WORKERS={max_workers:g} (jr's default here: CPUs - 1, at least 1; {os.cpu_count()} CPUs)"
     )
-    note("POLL_INTERVAL=5 (jr's default) for W*; a job's worker starts what its end unblocks at once")
+    note(
+        "POLL_INTERVAL=5 (jr's default) for W*; a job's worker starts what its end unblocks at once"
+    )
     with tempfile.TemporaryDirectory(prefix="jr-bench-") as tmp:
         ctx = Ctx(quick=quick, labels=labels, tmp=Path(tmp), max_workers=max_workers)
         try:
