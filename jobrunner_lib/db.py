@@ -11,6 +11,7 @@ The jobs, requests and flags in it are read and written by db_queries.py.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,10 +74,31 @@ def connect(path: Path | str, *, migrate: bool = True) -> sqlite3.Connection:
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
     if migrate:
         if mode != "wal":
-            conn.execute("PRAGMA journal_mode = WAL")
+            _switch_to_wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
         migrate_schema(conn)
     return conn
+
+
+def _switch_to_wal(conn: sqlite3.Connection) -> None:
+    """Put a new store in WAL mode, waiting for a busy one as long as any other statement would.
+
+    Two processes opening a new store at once (the service's first pass and a jr-add-job) both
+    ask for the switch; it needs the file to themselves, and SQLite answers "database is locked"
+    to one of them at once, without its busy timeout. Retried with a growing pause, the other
+    has switched it by then (or the timeout ends with the error).
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    pause = 0.002
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
 
 
 def _open(path: Path) -> sqlite3.Connection:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
+import queue
 import sqlite3
 
 import pytest
@@ -144,3 +147,42 @@ def test_four_processes_making_500_updates_each_lose_nothing(tmp_path):
     total = conn.execute("SELECT SUM(exit_code) FROM job").fetchone()[0]
     assert total == 2000
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def _open_fresh_stores(paths: list[str], barrier: object, errors: object) -> None:
+    for path in paths:
+        barrier.wait(30)  # type: ignore[attr-defined]
+        try:
+            conn = db.connect(path)
+            with db.transaction(conn):
+                conn.execute("INSERT INTO flag (name, value) VALUES (?, 'x')", (str(os.getpid()),))
+            conn.close()
+        except sqlite3.Error as exc:
+            errors.put(f"{path}: {exc}")  # type: ignore[attr-defined]
+
+
+def test_processes_creating_the_store_at_once_all_get_it(tmp_path):
+    # The service's first pass and a jr-add-job on a new workdir: switching the new file to WAL
+    # made SQLite answer "database is locked" at once to one of them (a round in four).
+    rounds, count = 25, 5
+    paths = [str(tmp_path / f"r{n}" / "db.sqlite") for n in range(rounds)]
+    ctx = multiprocessing.get_context("spawn")
+    barrier, errors = ctx.Barrier(count), ctx.Queue()
+    procs = [
+        ctx.Process(target=_open_fresh_stores, args=(paths, barrier, errors)) for _ in range(count)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * count
+    found = []
+    with contextlib.suppress(queue.Empty):
+        while True:
+            found.append(errors.get(timeout=0.5))
+    assert found == []
+    for path in paths:
+        conn = db.connect(path)
+        assert conn.execute("SELECT COUNT(*) FROM flag").fetchone()[0] == count
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        conn.close()
