@@ -67,7 +67,7 @@ _jr_complete() {
         -o) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
       esac ;;
     jr-retry)
-      opts="-h --help --version -v --verbose -q --quiet -o --output --pick -y --yes -n --dry-run"
+      opts="-h --help --version -v --verbose -q --quiet -o --output --pick -y --yes -n --dry-run --no-dependants"
       valued=" -o --output "
       ids=1
       case "$prev" in

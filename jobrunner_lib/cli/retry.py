@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sqlite3
 
@@ -70,6 +71,56 @@ def retry_job(config: Config, conn: sqlite3.Connection, job: Job) -> tuple[Job |
     return None, "not retried: it kept changing; try again"
 
 
+def failed_dependants(conn: sqlite3.Connection, jobs: list[Job]) -> list[Job]:
+    """The jobs that failed waiting on these (dependency_failed), directly or through each other.
+
+    Only a job still its action's newest in its workspace counts (a newer request may have
+    asked for the action again), and not a cancelled one. Oldest first.
+    """
+    found: dict[str, Job] = {}
+    for workspace in sorted({job.workspace for job in jobs}):
+        latest = db_queries.latest_jobs_by_action(conn, workspace)
+        candidates = [
+            job
+            for job in latest.values()
+            if job.state is State.FAILED and job.status_code is StatusCode.DEPENDENCY_FAILED
+        ]
+        awaited = {job.id for job in jobs if job.workspace == workspace}
+        grew = True
+        while grew:
+            grew = False
+            for job in candidates:
+                if job.id not in awaited and awaited.intersection(job.wait_for_job_ids):
+                    awaited.add(job.id)
+                    found[job.id] = job
+                    grew = True
+    return sorted(found.values(), key=lambda job: (job.created_at, job.id))
+
+
+def repend(conn: sqlite3.Connection, job: Job) -> tuple[Job | None, str]:
+    """Put a dependency_failed job back to pending, waiting again (compare-and-set)."""
+    for _ in range(CONFLICT_RETRIES):
+        if job.state is not State.FAILED or job.status_code is not StatusCode.DEPENDENCY_FAILED:
+            return None, f"not retried: it is now {job.state.value}"
+        new = transition(
+            job, State.PENDING, StatusCode.WAITING_ON_DEPENDENCIES, Msg.WAITING_ON_DEPENDENCIES
+        )
+        try:
+            saved = db_queries.save_job(conn, new)
+        except ConflictError:
+            fresh = db_queries.get_job(conn, job.id)
+            if fresh is None:
+                return None, "not retried: it disappeared from the state store"
+            job = fresh
+            continue
+        log.info(
+            f"Retried by {service.operator()} with the job it waits on: back to pending",
+            extra={"job": saved},
+        )
+        return saved, "back to pending: waits again for the job it needs"
+    return None, "not retried: it kept changing; try again"
+
+
 class Retry(Tool):
     name = "jr-retry"
     component = "retry"
@@ -77,15 +128,24 @@ class Retry(Tool):
 after fixing the cause. If the job's container and volume were kept, the job goes back to
 running ("Re-attempting to extract outputs") and the next jr-run-once starts a worker that carries
 on from there (finalising an exited container, or following a running one); if they are gone,
-the job goes back to pending and starts over. Any other job is refused with the reason (exit 1)
-while the eligible ones are still retried. Does not contact the jobs website: the next jr-sync
-reports the job."""
+the job goes back to pending and starts over. The jobs that failed waiting on it
+(dependency_failed, directly or through each other, and not since requested again) go back to
+pending too, waiting for it again (--no-dependants leaves them failed). Any other job is refused
+with the reason (exit 1) while the eligible ones are still retried. Does not contact the jobs
+website: the next jr-sync reports the jobs."""
     epilog = """examples:
   jr-retry abcd                                   retry one job (shows the plan, asks first)
   jr-ls --status-code internal_error -o ids | jr-retry --yes -    retry every internal error"""
     takes_ids = "+"
     output = True
     destructive = True
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--no-dependants",
+            action="store_true",
+            help="leave the jobs that failed waiting on them (dependency_failed) failed",
+        )
 
     def run(self, ctx: Context) -> int:
         from docker.errors import DockerException
@@ -95,11 +155,14 @@ reports the job."""
         jobs = ctx.resolve_jobs(ctx.args.ids)
         if not jobs:
             raise UsageError("no job IDs given (standard input was empty)")
-        eligible, rows = [], []
+        eligible = [job for job in jobs if refusal(job) is None]
+        with_dependants = not ctx.args.no_dependants
+        dependants = failed_dependants(ctx.conn, eligible) if with_dependants else []
+        coming = {job.id for job in dependants}
+        rows = []
         for job in jobs:
             reason = refusal(job)
-            if reason is None:
-                eligible.append(job)
+            if reason is None or job.id in coming:  # a dependant named too (a request's ID)
                 continue
             ctx.stderr.write(f"{self.name}: {job.id} ({job.action}): not retried: {reason}\n")
             rows.append(result_row(job, f"not retried: {reason}"))
@@ -115,15 +178,29 @@ reports the job."""
         for job in eligible:
             how = "from its kept container" if resumable(ctx.config, job.id) else "from the start"
             plan.append(f"  retry {how}: {job.id}  {job.action}  ({job.workspace})")
+        for job in dependants:
+            plan.append(
+                f"  back to pending, waiting again: {job.id}  {job.action}  ({job.workspace})"
+            )
         if not ctx.confirm(plan, "retry"):
             return 1 if refused else 0
         failed = refused
+        retried: list[Job] = []
         for job in eligible:
             try:
                 assert ctx.config is not None
                 saved, done = retry_job(ctx.config, ctx.conn, job)
             except (docker.DockerTimeout, DockerException, OSError) as exc:
                 saved, done = None, f"not retried: {type(exc).__name__}: {exc}"
+            if saved is None:
+                failed = True
+                ctx.stderr.write(f"{self.name}: {job.id} ({job.action}): {done}\n")
+            rows.append(result_row(saved or job, done))
+            if saved is not None:
+                retried.append(saved)
+        # Only the dependants of jobs actually retried, as the store has them now.
+        for job in failed_dependants(ctx.conn, retried) if with_dependants else []:
+            saved, done = repend(ctx.conn, job)
             if saved is None:
                 failed = True
                 ctx.stderr.write(f"{self.name}: {job.id} ({job.action}): {done}\n")

@@ -60,11 +60,18 @@ actions:
     outputs:
       moderately_sensitive:
         table: output/never.csv
+  uses:
+    run: python:v1 analysis/uses.sh
+    needs: [quick]
+    outputs:
+      moderately_sensitive:
+        table: output/uses.csv
 """
 SCRIPTS = {
     "analysis/quick.sh": "mkdir -p output\necho 'id,n' > output/quick.csv\necho '1,42' >> output/quick.csv\n",
     "analysis/short.sh": "echo started\nsleep 6\nmkdir -p output\necho done > output/short.csv\n",
     "analysis/sleeper.sh": "echo going to sleep\nsleep 30\n",
+    "analysis/uses.sh": "mkdir -p output\nwc -l < output/quick.csv > output/uses.csv\n",
 }
 QUICK_CSV = "id,n\n1,42\n"
 
@@ -469,6 +476,92 @@ def test_retry_refuses_other_jobs_with_the_reason_but_retries_the_eligible_ones(
 
     only_bad = tool(config.workdir, "jr-retry", "--yes", exited.id)
     assert only_bad.returncode == 1 and "not internal_error" in only_bad.stderr
+
+
+def test_retry_brings_back_the_jobs_that_failed_waiting_on_it_and_they_run(
+    config, conn, study, monkeypatch
+):
+    quick, uses = add_jobs(config.workdir, study, "uses")  # quick first: uses needs it
+    monkeypatch.setenv("JR_FAULT", "finalize")
+    drive(config, conn, final(conn, quick), what="the finalize fault")
+    monkeypatch.delenv("JR_FAULT")
+    drive(config, conn, final(conn, uses), what="the dependant to fail")
+    assert (get(conn, quick).status_code, get(conn, uses).status_code) == (
+        StatusCode.INTERNAL_ERROR,
+        StatusCode.DEPENDENCY_FAILED,
+    )
+
+    result = tool(config.workdir, "jr-retry", "--yes", quick)
+    assert result.returncode == 0, result.stderr
+    assert [(r["id"], r["result"]) for r in rows(result)] == [
+        (quick, "back to running: the next pass picks up its kept container"),
+        (uses, "back to pending: waits again for the job it needs"),
+    ]
+    back = get(conn, uses)
+    assert (back.state, back.status_code, back.completed_at) == (
+        State.PENDING,
+        StatusCode.WAITING_ON_DEPENDENCIES,
+        None,
+    )
+    drive(config, conn, final(conn, uses), what="the retried job and its dependant")
+    assert get(conn, quick).state is State.SUCCEEDED
+    assert get(conn, uses).state is State.SUCCEEDED, get(conn, uses).status_message
+    out = config.medium_privacy_storage_base / "workspaces" / "test" / "output" / "uses.csv"
+    assert out.read_text().strip() == "2"  # it read quick's two lines
+    wait_for(lambda: not any(objects(quick).values()), timeout=30, what="the worker's cleanup")
+
+
+def test_retry_dependants_through_each_other_but_not_replaced_or_cancelled_ones(config, conn):
+    broken = insert(conn, "x", State.FAILED, StatusCode.INTERNAL_ERROR, Msg.INTERNAL_FINALIZING)
+
+    def dependant(action: str, waits: Job, **fields) -> Job:
+        message = f"{Msg.DEPENDENCY_FAILED}: {waits.action} ({waits.id})"
+        return insert(
+            conn,
+            action,
+            State.FAILED,
+            StatusCode.DEPENDENCY_FAILED,
+            message,
+            wait_for_job_ids=[waits.id],
+            **fields,
+        )
+
+    direct = dependant("y", broken, at=1000)
+    through = dependant("z", direct, at=1001)
+    replaced = dependant("r", broken, at=1002)
+    newer = insert(conn, "r", State.SUCCEEDED, StatusCode.SUCCEEDED, Msg.SUCCEEDED, at=1003)
+    cancelled = dependant("c", broken, at=1004, cancelled=True)
+    unrelated = insert(conn, "u", State.FAILED, StatusCode.DEPENDENCY_FAILED, "other", at=1005)
+    untouched = [replaced, newer, cancelled, unrelated]
+
+    dry = tool(config.workdir, "jr-retry", "--dry-run", broken.id)
+    assert dry.returncode == 0, dry.stderr
+    assert f"  back to pending, waiting again: {direct.id}  y  (ws)" in dry.stderr
+    assert f"  back to pending, waiting again: {through.id}  z  (ws)" in dry.stderr
+    assert dry.stderr.count("back to pending, waiting again") == 2
+    assert get(conn, direct.id) == direct
+
+    kept = tool(config.workdir, "jr-retry", "--yes", "--no-dependants", broken.id)
+    assert kept.returncode == 0, kept.stderr
+    assert [r["id"] for r in rows(kept)] == [broken.id]
+    assert get(conn, direct.id) == direct and get(conn, through.id) == through
+    # Retried again (it went back to pending: no container was kept) it is not failed now; put
+    # it back to test the default.
+    with db.transaction(conn):
+        conn.execute(
+            "UPDATE job SET state = 'failed', status_code = 'internal_error' WHERE id = ?",
+            (broken.id,),
+        )
+
+    # Naming a dependant too (as a request's ID would) is no refusal: it comes back with it.
+    result = tool(config.workdir, "jr-retry", "--yes", broken.id, direct.id)
+    assert result.returncode == 0, result.stderr
+    assert "not retried" not in result.stderr
+    assert [r["id"] for r in rows(result)] == [broken.id, direct.id, through.id]
+    for job in (direct, through):
+        assert get(conn, job.id).state is State.PENDING
+    for job in untouched:
+        assert get(conn, job.id) == job
 
 
 # ---- jr-reboot-prep -------------------------------------------------------------------------
