@@ -135,6 +135,7 @@ with the reason (exit 1) while the eligible ones are still retried. Does not con
 website: the next jr-sync reports the jobs."""
     epilog = """examples:
   jr-retry abcd                                   retry one job (shows the plan, asks first)
+  jr-retry --no-dependants abcd                   only it: what failed waiting on it stays failed
   jr-ls --status-code internal_error -o ids | jr-retry --yes -    retry every internal error"""
     takes_ids = "+"
     output = True
