@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from jobrunner_lib import db
+from tests.support.factories import Jobs
 
 
 @pytest.fixture
@@ -19,6 +20,4 @@ def conn(config):
 
 @pytest.fixture
 def jobs(conn, study):
-    from tests.integration.test_executor import Jobs
-
-    return Jobs(conn, study)
+    return Jobs(conn, *study)

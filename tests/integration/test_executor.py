@@ -24,9 +24,9 @@ import pytest
 from jobrunner_lib import db, db_queries, docker, docker_files, tarstream, volumes
 from jobrunner_lib.config import CHECKOUT_DIR, Config, load_config
 from jobrunner_lib.executor import ExecutorState, LocalDockerExecutor
-from jobrunner_lib.models import Job, Msg, State, StatusCode, now, transition
+from jobrunner_lib.models import Job, Msg, State, StatusCode, transition
 from jobrunner_lib.worker import drive_job
-from tests.support.factories import make_job, make_request
+from tests.support.factories import Jobs
 
 pytestmark = pytest.mark.docker
 
@@ -138,44 +138,6 @@ def config(request, tmp_path) -> Config:
     config = make_config(tmp_path, request.param)
     assert config.volume_storage == request.param
     return config
-
-
-class Jobs:
-    """Inserts claimed (running/preparing) jobs straight into the store, as the pass would."""
-
-    def __init__(self, conn, study):
-        self.conn, (self.repo, self.commit) = conn, study
-
-    def add(
-        self,
-        action: str,
-        command: str,
-        outputs: dict,
-        *,
-        needs: list[str] | None = None,
-        workspace: str = "ws",
-        **fields,
-    ) -> Job:
-        request = make_request(
-            workspace,
-            [action],
-            repo_url=str(self.repo),
-            commit=self.commit,
-            created_by="alice",
-            original={"identifier": "x", "created_by": "alice", "sha": self.commit},
-        )
-        job = make_job(
-            request,
-            action,
-            at=now(),
-            run_command=command,
-            output_spec=outputs,
-            requires_outputs_from=needs or [],
-            **fields,
-        )
-        job = transition(job, State.RUNNING, StatusCode.PREPARING, Msg.PREPARING, attempts=1)
-        db_queries.insert_request(self.conn, request, [job])
-        return job
 
 
 THREE_LEVELS = {
@@ -355,7 +317,7 @@ def test_did_you_mean_hint_never_offers_the_studys_code_even_when_just_committed
     git("add", ".", cwd=repo)
     future = f"@{int(time.time()) + 600} +0000"
     git("commit", "-q", "-m", "now", cwd=repo, date=future)
-    fresh = Jobs(conn, (repo, git("rev-parse", "HEAD", cwd=repo)))
+    fresh = Jobs(conn, repo, git("rev-parse", "HEAD", cwd=repo))
     job = fresh.add(
         "typo", "python:v1 analysis/typo.sh", {"moderately_sensitive": {"t": "output/table.csv"}}
     )

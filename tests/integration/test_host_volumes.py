@@ -26,13 +26,13 @@ from tests.integration.test_executor import (
     STORAGES,
     TEST_LABEL,
     THREE_LEVELS,
-    Jobs,
     git,
     labelled,  # noqa: F401 - an autouse fixture: labels and removes this module's objects
     make_config,
     objects_exist,
     workspaces,
 )
+from tests.support.factories import Jobs
 
 pytestmark = pytest.mark.docker
 
@@ -358,11 +358,11 @@ def test_an_input_under_a_committed_symlink_is_written_inside_the_volume(
     config, conn, linked_study
 ):
     repo, first, second, host_dir = linked_study
-    make = Jobs(conn, (repo, first)).add(
+    make = Jobs(conn, repo, first).add(
         "make", "python:v1 analysis/make.sh", {"highly_sensitive": {"x": "output/x.csv"}}
     )
     assert drive_job(config, make.id).state is State.SUCCEEDED
-    use = Jobs(conn, (repo, second)).add(
+    use = Jobs(conn, repo, second).add(
         "use",
         "python:v1 analysis/use.sh",
         {"highly_sensitive": {"y": "output/y.csv"}},

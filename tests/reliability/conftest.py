@@ -7,16 +7,13 @@ fixture, passed to jr through JR_EXTRA_LABELS) and is removed afterwards, pass o
 from __future__ import annotations
 
 import os
-import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import db, db_queries, docker
+from jobrunner_lib import db, docker
 from jobrunner_lib.config import Config, load_config
-from jobrunner_lib.models import Job, Msg, State, StatusCode, now, transition
-from tests.support.factories import make_job, make_request
 from tests.support.studies import make_study
 
 SOAK = os.environ.get("JR_SOAK") == "1"
@@ -58,40 +55,6 @@ def conn(config: Config) -> Iterator:
 def script(body: str) -> str:
     """A job script from an indented block (leading whitespace stripped from each line)."""
     return "\n".join(line.strip() for line in body.strip().splitlines()) + "\n"
-
-
-class Jobs:
-    """Inserts jobs in the state the run pass leaves them after a claim (running/preparing)."""
-
-    def __init__(self, conn, repo: Path, commit: str):
-        self.conn, self.repo, self.commit = conn, repo, commit
-
-    def add(
-        self,
-        action: str,
-        command: str | list[str],
-        outputs: dict,
-        *,
-        workspace: str = "ws",
-        **fields,
-    ) -> Job:
-        """A claimed job running `command` (a string, or image and arguments to quote)."""
-        if not isinstance(command, str):
-            command = shlex.join(command)
-        request = make_request(
-            workspace,
-            [action],
-            repo_url=str(self.repo),
-            commit=self.commit,
-            created_by="tester",
-            original={"identifier": "x", "created_by": "tester", "sha": self.commit},
-        )
-        job = make_job(
-            request, action, at=now(), run_command=command, output_spec=outputs, **fields
-        )
-        job = transition(job, State.RUNNING, StatusCode.PREPARING, Msg.PREPARING, attempts=1)
-        db_queries.insert_request(self.conn, request, [job])
-        return job
 
 
 def study_with(path: Path, scripts: dict[str, str]) -> tuple[Path, str]:

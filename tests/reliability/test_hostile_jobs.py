@@ -28,7 +28,8 @@ from jobrunner_lib.executor import LocalDockerExecutor
 from jobrunner_lib.models import Job, State, StatusCode
 from jobrunner_lib.tarstream import VolumeFile
 from jobrunner_lib.worker import drive_job
-from tests.reliability.conftest import SOAK, Jobs, make_config, study_with
+from tests.reliability.conftest import SOAK, make_config, study_with
+from tests.support.factories import Jobs
 
 
 def docker_test(test):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import shlex
+from pathlib import Path
 
 from jobrunner_lib.ids import job_id, new_request_id
-from jobrunner_lib.models import Job, JobRequest, State, StatusCode, new_job, transition
+from jobrunner_lib.models import Job, JobRequest, Msg, State, StatusCode, new_job, now, transition
 
 _clock = itertools.count(1_700_000_000)
 
@@ -53,3 +55,46 @@ def insert_job(conn, state: State, code: StatusCode, message: str, action: str =
     job = make_job(request, action, state, code=code, message=message)
     db_queries.insert_request(conn, request, [job])
     return job
+
+
+class Jobs:
+    """Inserts claimed jobs (running/preparing, as a pass leaves them) of a real study's commit."""
+
+    def __init__(self, conn, repo: Path, commit: str):
+        self.conn, self.repo, self.commit = conn, repo, commit
+
+    def add(
+        self,
+        action: str,
+        command: str | list[str],
+        outputs: dict,
+        *,
+        needs: list[str] | None = None,
+        workspace: str = "ws",
+        **fields,
+    ) -> Job:
+        """A claimed job running `command` (a string, or image and arguments to quote)."""
+        from jobrunner_lib import db_queries
+
+        if not isinstance(command, str):
+            command = shlex.join(command)
+        request = make_request(
+            workspace,
+            [action],
+            repo_url=str(self.repo),
+            commit=self.commit,
+            created_by="alice",
+            original={"identifier": "x", "created_by": "alice", "sha": self.commit},
+        )
+        job = make_job(
+            request,
+            action,
+            at=now(),
+            run_command=command,
+            output_spec=outputs,
+            requires_outputs_from=needs or [],
+            **fields,
+        )
+        job = transition(job, State.RUNNING, StatusCode.PREPARING, Msg.PREPARING, attempts=1)
+        db_queries.insert_request(self.conn, request, [job])
+        return job
