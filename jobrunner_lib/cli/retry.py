@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sqlite3
+from collections.abc import Callable
 
 from .. import db_queries, service
 from ..config import Config
@@ -40,24 +41,15 @@ def resumable(config: Config, job_id: str) -> bool:
     )
 
 
-def retry_job(config: Config, conn: sqlite3.Connection, job: Job) -> tuple[Job | None, str]:
-    """Reset one internal-error job (compare-and-set); (the saved job or None, what was done)."""
+def _save_change(
+    conn: sqlite3.Connection, job: Job, decide: Callable[[Job], tuple[Job | None, str]]
+) -> tuple[Job | None, str]:
+    """Save decide(job)'s job by compare-and-set, deciding again on a fresher job after a
+    racing change; (the saved job or None, what was done or why not)."""
     for _ in range(CONFLICT_RETRIES):
-        reason = refusal(job)
-        if reason is not None:
-            return None, f"not retried: {reason}"
-        if resumable(config, job.id):
-            # The next pass sees no live worker and starts one, which follows a still-running
-            # container, starts a prepared one, or finalises an exited one.
-            new = transition(job, State.RUNNING, StatusCode.FINALIZING, Msg.RETRYING, **RESET)
-            done = "back to running: the next pass picks up its kept container"
-        else:
-            # Whatever is left cannot be used; the job starts over from nothing.
-            removed = service.remove_job_objects(config, job.id)
-            new = transition(job, State.PENDING, StatusCode.CREATED, Msg.CREATED, **RESET)
-            done = "back to pending: its container is gone, so it starts over"
-            if removed:
-                done += f" (removed {', '.join(removed)})"
+        new, done = decide(job)
+        if new is None:
+            return None, done
         try:
             saved = db_queries.save_job(conn, new)
         except ConflictError:
@@ -69,6 +61,27 @@ def retry_job(config: Config, conn: sqlite3.Connection, job: Job) -> tuple[Job |
         log.info(f"Retried by {service.operator()}: {done}", extra={"job": saved})
         return saved, done
     return None, "not retried: it kept changing; try again"
+
+
+def retry_job(config: Config, conn: sqlite3.Connection, job: Job) -> tuple[Job | None, str]:
+    """Reset one internal-error job (compare-and-set); (the saved job or None, what was done)."""
+
+    def decide(job: Job) -> tuple[Job | None, str]:
+        reason = refusal(job)
+        if reason is not None:
+            return None, f"not retried: {reason}"
+        if resumable(config, job.id):
+            # The next pass sees no live worker and starts one, which follows a still-running
+            # container, starts a prepared one, or finalises an exited one.
+            new = transition(job, State.RUNNING, StatusCode.FINALIZING, Msg.RETRYING, **RESET)
+            return new, "back to running: the next pass picks up its kept container"
+        # Whatever is left cannot be used; the job starts over from nothing.
+        removed = service.remove_job_objects(config, job.id)
+        new = transition(job, State.PENDING, StatusCode.CREATED, Msg.CREATED, **RESET)
+        done = "back to pending: its container is gone, so it starts over"
+        return new, done + (f" (removed {', '.join(removed)})" if removed else "")
+
+    return _save_change(conn, job, decide)
 
 
 def failed_dependants(conn: sqlite3.Connection, jobs: list[Job]) -> list[Job]:
@@ -99,26 +112,16 @@ def failed_dependants(conn: sqlite3.Connection, jobs: list[Job]) -> list[Job]:
 
 def repend(conn: sqlite3.Connection, job: Job) -> tuple[Job | None, str]:
     """Put a dependency_failed job back to pending, waiting again (compare-and-set)."""
-    for _ in range(CONFLICT_RETRIES):
+
+    def decide(job: Job) -> tuple[Job | None, str]:
         if job.state is not State.FAILED or job.status_code is not StatusCode.DEPENDENCY_FAILED:
             return None, f"not retried: it is now {job.state.value}"
         new = transition(
             job, State.PENDING, StatusCode.WAITING_ON_DEPENDENCIES, Msg.WAITING_ON_DEPENDENCIES
         )
-        try:
-            saved = db_queries.save_job(conn, new)
-        except ConflictError:
-            fresh = db_queries.get_job(conn, job.id)
-            if fresh is None:
-                return None, "not retried: it disappeared from the state store"
-            job = fresh
-            continue
-        log.info(
-            f"Retried by {service.operator()} with the job it waits on: back to pending",
-            extra={"job": saved},
-        )
-        return saved, "back to pending: waits again for the job it needs"
-    return None, "not retried: it kept changing; try again"
+        return new, "back to pending: waits again for the job it needs"
+
+    return _save_change(conn, job, decide)
 
 
 class Retry(Tool):
