@@ -253,17 +253,28 @@ class LocalDockerExecutor(Executor):
             code = git_repos.archive(repo_dir, commit)
         except git.GitError as exc:
             raise JobError(str(exc)) from exc
+        marked = time.time()  # see _volume_tar
         try:
             if host_root:
+                # The code first, then the inputs file to file in the kernel (a copy through a
+                # tar stream costs two more passes over the data), then the marker.
                 owner = volumes.host_owner(*job_user_ids(self.config.job_user))
-                chunks = self._volume_tar(job, repo_url, commit, code, inputs, owner)
-                volumes.extract_on_host(host_root, chunks, owner, self.progress)
+                code_only = self._volume_tar(
+                    job, repo_url, commit, code, {}, marked, owner, marker=False
+                )
+                volumes.extract_on_host(host_root, code_only, owner, self.progress)
+                for path, (action, source) in inputs.items():
+                    log.info(f"Copying input file {action}: {path}", extra={"job": job})
+                    volumes.copy_into_host(host_root, path, source, owner, self.progress)
+                volumes.extract_on_host(
+                    host_root, self._marker_tar(owner, marked), owner, self.progress
+                )
             else:
                 helper = docker_files.create_helper(self.config, job.id)
                 docker_files.put_archive(
                     helper,
                     "/",
-                    self._volume_tar(job, repo_url, commit, code, inputs),
+                    self._volume_tar(job, repo_url, commit, code, inputs, marked),
                     progress=self.progress,
                     stall_timeout=self.config.copy_stall_timeout,
                     what=f"copy of code and inputs into {helper}",
@@ -319,9 +330,13 @@ class LocalDockerExecutor(Executor):
         commit: str,
         code: Any,
         inputs: dict[str, tuple[str, Path]],
+        marked: float,
         owner: volumes.Owner | None = None,
+        *,
+        marker: bool = True,
     ) -> Iterator[bytes]:
-        """One tar stream, extracted at `/`: the volume root, code, inputs, then the marker.
+        """One tar stream, extracted at `/`: the volume root, code, inputs, then the marker
+        (unless not marker: then the archive ends after the inputs; see _marker_tar).
 
         Owned by the job user (JOB_USER), or by `owner` when given (None: writable by all).
         """
@@ -332,7 +347,6 @@ class LocalDockerExecutor(Executor):
         log.info(f"Copying in code from {repo_url}@{commit}", extra={"job": job})
         # The marker's time dates the files the job writes (the "did you mean" hint): the code
         # must look older than it, even when committed this very second.
-        marked = time.time()
         yield from tarstream.rewrite_tar(
             code, prefix=root, uid=uid, gid=gid, progress=self.progress, not_after=marked - 2
         )
@@ -350,7 +364,17 @@ class LocalDockerExecutor(Executor):
             yield from tarstream.file_entry(
                 source, f"{root}/{path}", uid=uid, gid=gid, progress=self.progress
             )
-        # Last, so its presence means everything before it arrived; its mtime dates new files.
+        if marker:
+            yield from self._marker_tar((uid, gid), marked)
+        else:
+            yield tarstream.end_of_archive()
+
+    @staticmethod
+    def _marker_tar(owner: volumes.Owner, marked: float) -> Iterator[bytes]:
+        """The marker and the archive's end. Last, so its presence means everything before it
+        arrived; its mtime dates the files the job writes."""
+        uid, gid = owner
+        root = docker.WORKSPACE.strip("/")
         yield tarstream.bytes_entry(
             f"{root}/{docker.MARKER}", b"jr\n", uid=uid, gid=gid, mtime=marked
         )

@@ -204,6 +204,43 @@ def extract_on_host(
         os.close(root_fd)
 
 
+def copy_into_host(
+    root: Path, rel: str, source: Path, owner: Owner, progress: tarstream.Progress
+) -> None:
+    """Copy a host file (a job's input) to rel in a host volume directory, in the kernel.
+
+    As the copy-in tar stream would put it: parent directories made (or made real) where
+    needed, whatever is at rel replaced, never through a link; mode 0644 (0666 without an
+    owner) and the source's modification time.
+    """
+    uid, gid = owner
+    if not outputs.is_safe_relative_path(rel):
+        raise tarstream.UnsafeArchive(f"unsafe path {rel!r}")
+    *parents, last = rel.split("/")
+    with open(source, "rb") as src:
+        st = os.fstat(src.fileno())
+        root_fd = os.open(root, _DIR_FLAGS)
+        try:
+            parent = _open_dirs(root, root_fd, parents, uid, gid)
+            try:
+                _clear(root, parent, rel)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
+                fd = os.open(last, flags, 0o600, dir_fd=parent)
+                try:
+                    _copy_fd(src.fileno(), fd, progress)
+                    if os.fstat(fd).st_size != st.st_size:
+                        raise OSError(f"{source} changed size while being copied")
+                    _set_mode(fd, 0o644 if uid is not None else 0o666, uid, gid)
+                    os.utime(fd, (int(st.st_mtime), int(st.st_mtime)))
+                finally:
+                    os.close(fd)
+            finally:
+                if parent != root_fd:
+                    os.close(parent)
+        finally:
+            os.close(root_fd)
+
+
 def _set_mode(fd: int, mode: int, uid: int | None, gid: int | None) -> None:
     os.fchmod(fd, mode & 0o777)  # never set-user-ID and the like, whatever the archive says
     if uid is not None:

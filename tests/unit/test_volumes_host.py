@@ -297,6 +297,69 @@ def test_copy_out_of_host_copies_a_file_bigger_than_one_piece(root, tmp_path, mo
     assert dest.read_bytes() == data
 
 
+# ---- copy_into_host (a job's inputs) ----------------------------------------------------------
+
+
+@pytest.fixture
+def an_input(tmp_path) -> Path:
+    """A workspace output used as an input: bigger than one copy piece, an old mtime."""
+    path = tmp_path / "workspace-output.csv"
+    path.write_bytes(os.urandom(3 * 4096 + 17))
+    os.utime(path, (MTIME, MTIME))
+    return path
+
+
+def copy_in(root: Path, rel: str, source: Path, owner: volumes.Owner = NO_OWNER) -> int:
+    progress = tarstream.Progress()
+    volumes.copy_into_host(root, rel, source, owner, progress)
+    return progress.bytes
+
+
+def test_copy_into_host_writes_the_input_as_the_tar_stream_did(root, an_input, monkeypatch):
+    monkeypatch.setattr(volumes, "COPY_PIECE", 4096)
+    assert copy_in(root, "output/deep/x.csv", an_input) == an_input.stat().st_size
+    copied = root / "output/deep/x.csv"
+    assert copied.read_bytes() == an_input.read_bytes()
+    assert stat.S_IMODE(copied.stat().st_mode) == 0o666  # no owner: writable by the job's user
+    assert stat.S_IMODE((root / "output").stat().st_mode) == 0o777
+    assert copied.stat().st_mtime == MTIME
+
+
+def test_copy_into_host_gives_an_owned_input_0644(root, an_input):
+    owner = (os.geteuid(), os.getegid())
+    copy_in(root, "output/x.csv", an_input, owner)
+    copied = root / "output/x.csv"
+    assert (copied.stat().st_uid, stat.S_IMODE(copied.stat().st_mode)) == (os.geteuid(), 0o644)
+    assert stat.S_IMODE((root / "output").stat().st_mode) == 0o755
+
+
+def test_copy_into_host_never_writes_through_a_committed_link(root, outside, an_input):
+    # The code extracted first may hold `output -> <host dir>` or a link where the input goes.
+    target = outside / "target.csv"
+    target.write_text("keep")
+    (root / "output").symlink_to(outside)
+    (root / "f.csv").symlink_to(target)
+    copy_in(root, "output/x.csv", an_input)
+    copy_in(root, "f.csv", an_input)
+    assert all_files(outside) == ["target.csv"] and target.read_text() == "keep"
+    assert not (root / "output").is_symlink() and (root / "output/x.csv").is_file()
+    assert not (root / "f.csv").is_symlink()
+    assert (root / "f.csv").read_bytes() == an_input.read_bytes()
+
+
+def test_copy_into_host_replaces_a_directory_in_its_way(root, an_input):
+    (root / "output/x.csv/inner").mkdir(parents=True)
+    copy_in(root, "output/x.csv", an_input)
+    assert (root / "output/x.csv").read_bytes() == an_input.read_bytes()
+
+
+@pytest.mark.parametrize("rel", ["../x.csv", "/etc/x.csv", "output/../../x.csv"])
+def test_copy_into_host_refuses_an_unsafe_path(root, an_input, rel):
+    with pytest.raises(tarstream.UnsafeArchive):
+        copy_in(root, rel, an_input)
+    assert all_files(root.parent) == sorted(["os-volume-x", an_input.name])
+
+
 # ---- VOLUME_STORAGE ----------------------------------------------------------------------------
 
 
