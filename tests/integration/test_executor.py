@@ -345,15 +345,20 @@ def test_did_you_mean_hint_never_offers_the_jobs_inputs(config, jobs):
     assert done.unmatched_outputs == ["output/other.txt"]
 
 
-def test_chain_second_action_reads_first_actions_output(config, jobs, caplog):
+def written_then_reader(config, jobs) -> Job:
+    """Run `write` (three privacy levels) to success; add `read`, which needs it (not run)."""
     first = jobs.add("write", "python:v1 analysis/write.sh", THREE_LEVELS)
     assert drive_job(config, first.id).state is State.SUCCEEDED
-    second = jobs.add(
+    return jobs.add(
         "read",
         "python:v1 analysis/read.sh",
         {"highly_sensitive": {"d": "output/derived.csv"}},
         needs=["write"],
     )
+
+
+def test_chain_second_action_reads_first_actions_output(config, jobs, caplog):
+    second = written_then_reader(config, jobs)
     with caplog.at_level("INFO"):
         done = drive_job(config, second.id)
     assert done.state is State.SUCCEEDED, done.status_message

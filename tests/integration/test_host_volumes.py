@@ -31,6 +31,7 @@ from tests.integration.test_executor import (
     make_config,
     objects_exist,
     workspaces,
+    written_then_reader,
 )
 from tests.support.factories import Jobs
 
@@ -378,14 +379,7 @@ def test_copy_in_gives_the_files_to_the_job_user_and_dates_the_code_before_the_m
     config, conn, jobs
 ):
     assert config.job_user == "1000:1000" and os.geteuid() == 0
-    write = jobs.add("write", "python:v1 analysis/write.sh", THREE_LEVELS)
-    assert drive_job(config, write.id).state is State.SUCCEEDED
-    read = jobs.add(
-        "read",
-        "python:v1 analysis/read.sh",
-        {"highly_sensitive": {"d": "output/derived.csv"}},
-        needs=["write"],
-    )
+    read = written_then_reader(config, jobs)
     LocalDockerExecutor(config, conn).prepare(read)
 
     root = volumes.host_dir(config, read.id)
