@@ -51,6 +51,11 @@ MIGRATIONS: list[str] = [
     CREATE TABLE flag (name TEXT PRIMARY KEY, value TEXT, updated_at INT);
     CREATE TABLE job_post (job_id TEXT PRIMARY KEY, posted_updated_at INT, posted_state TEXT);
     """,
+    # 3: the inputs copied into a job's volume (path -> action), recorded before the copy, so
+    # finalize never takes an input for one of the job's own outputs (outputs.claim_outputs).
+    """
+    ALTER TABLE job ADD COLUMN input_files TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

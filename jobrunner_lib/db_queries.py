@@ -22,6 +22,7 @@ JSON_COLUMNS = {
     "output_spec",
     "outputs",
     "unmatched_outputs",
+    "input_files",
 }
 BOOL_COLUMNS = {"cancelled", "requires_db"}
 JOB_COLUMNS = [f.name for f in fields(Job)]
@@ -210,6 +211,48 @@ def latest_jobs_by_action(conn: sqlite3.Connection, workspace: str) -> dict[str,
     for row in rows:
         latest[row["action"]] = job_from_row(row)
     return latest
+
+
+def original_request(conn: sqlite3.Connection, request_id: str) -> dict[str, Any] | None:
+    """The request as received (for metadata.json), if it was stored and is valid JSON."""
+    row = conn.execute("SELECT original FROM job_request WHERE id = ?", (request_id,)).fetchone()
+    try:
+        return json.loads(row[0]) if row and row[0] else None
+    except ValueError:
+        return None
+
+
+def latest_succeeded_job(
+    conn: sqlite3.Connection, workspace: str, action: str, exclude_id: str | None = None
+) -> Job | None:
+    """The newest succeeded job of an action in a workspace (whose outputs are on disk)."""
+    row = conn.execute(
+        "SELECT * FROM job WHERE workspace = ? AND action = ? AND state = 'succeeded' AND id != ? "
+        "ORDER BY created_at DESC, rowid DESC LIMIT 1",
+        (workspace, action, exclude_id or ""),
+    ).fetchone()
+    return job_from_row(row) if row else None
+
+
+def workspace_outputs(
+    conn: sqlite3.Connection, workspace: str, exclude_id: str | None = None
+) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, dict[str, str]]]]:
+    """Who holds what in a workspace: per action, the outputs of its newest succeeded job, and
+    the output spec of its newest job of any state (what it declares now); `exclude_id` left out.
+    """
+    rows = conn.execute(
+        "SELECT action, state, output_spec, outputs FROM job "
+        "WHERE workspace = ? AND action != '__error__' AND id != ? "
+        "ORDER BY action, created_at, rowid",
+        (workspace, exclude_id or ""),
+    )
+    produced: dict[str, dict[str, str]] = {}
+    declared: dict[str, dict[str, dict[str, str]]] = {}
+    for row in rows:
+        declared[row["action"]] = json.loads(row["output_spec"] or "{}")
+        if row["state"] == State.SUCCEEDED.value:
+            produced[row["action"]] = json.loads(row["outputs"] or "{}") or {}
+    return produced, declared
 
 
 def _filters(

@@ -19,11 +19,11 @@ from typing import Any
 
 from .config import Config
 from .errors import TemporaryFailure
+from .outputs import MARKER as MARKER  # re-exported: the marker is a fact of outputs
 
 # Every call but waits and copies gives up after this long (the old CLI wrapper's 300 s).
 TIMEOUT = 300.0
 WORKSPACE = "/workspace"
-MARKER = ".opensafely-timestamp"
 EXTRA_LABELS_ENV = "JR_EXTRA_LABELS"
 BROKEN_MESSAGE = "There was a (hopefully temporary) internal Docker error, please try the job again"
 
@@ -303,6 +303,8 @@ def create_job_container(
         limits.update(mem_limit=config.job_memory_limit, memswap_limit=config.job_memory_limit)
     if config.job_cpu_count:
         limits["nano_cpus"] = int(config.job_cpu_count * 1e9)
+    from . import joblog
+
     host_config = api.create_host_config(
         binds={workspace_source(config, job_id): {"bind": WORKSPACE, "mode": "rw"}},
         network_mode=network,
@@ -310,6 +312,9 @@ def create_job_container(
         security_opt=["no-new-privileges"],
         pids_limit=config.job_pids_limit,
         init=True,
+        # Whatever the daemon's default: `docker logs` works (logs.txt, jr-watch-logs), and a job
+        # printing without end fills Docker's disk no more than ours, keeping what logs.txt keeps.
+        log_config=joblog.docker_log_config(config.job_log_limit),
         **limits,
     )
     # Values travel in the API request body, never on a command line (SPEC.md §6.5).
@@ -318,7 +323,8 @@ def create_job_container(
         image,
         args,
         host_config,
-        labels=dict(container_labels),
+        # The limit logs.txt keeps, fixed with the Docker log's bound (joblog.container_limit).
+        labels={**container_labels, joblog.LIMIT_LABEL: str(config.job_log_limit)},
         working_dir=WORKSPACE,
         user=config.job_user or "",
         environment=dict(environment),

@@ -18,9 +18,10 @@ from . import db_queries, docker, logs, stats
 from .config import Config
 from .docker import BrokenContainerError, DiskFull, DockerUnavailable, JobError
 from .errors import ConflictError
-from .executor import Executor, ExecutorState, LocalDockerExecutor, apply_result
+from .executor import Executor, ExecutorState, LocalDockerExecutor, input_files
+from .faults import fault
 from .finalize import iso
-from .models import Job, Msg, State, StatusCode, transition
+from .models import FinalResult, Job, Msg, State, StatusCode, apply_result, transition
 from .outage import DockerOutage, disk_name, full_disk_name, store_unusable
 from .processes import _process_info
 
@@ -28,8 +29,6 @@ log = logging.getLogger(__name__)
 
 # Longest wait on the container between looks at the job row (cancellation, jr-kill).
 WAIT_SLICE = 2.0
-FAULT_ENV = "JR_FAULT"
-FAULT_STEPS = ("prepare", "execute", "finalize", "cleanup")
 DOCKER_RESTARTED = "the Docker daemon restarted while the job was running; please try again"
 # Exit codes of a container stopped by a signal (SIGKILL, SIGTERM), as a stopping daemon does.
 SIGNAL_EXIT_CODES = (137, 143)
@@ -68,10 +67,19 @@ class _NotOurs(Exception):
     """The job row moved on without us (killed by an operator, reset): stop touching it."""
 
 
-def _fault(step: str) -> None:
-    """Test-only fault injection: JR_FAULT=<step> makes that step fail unexpectedly."""
-    if os.environ.get(FAULT_ENV) == step:
-        raise RuntimeError(f"{FAULT_ENV}={step}: injected fault")
+class _Outcome:
+    """The Driver's compare-and-set, as finalize sees it (models.Outcome)."""
+
+    def __init__(self, driver: Driver):
+        self.driver = driver
+
+    def current(self) -> Job:
+        """The job row now; _NotOurs if an operator killed or reset it meanwhile."""
+        return self.driver.refresh()
+
+    def save(self, result: FinalResult) -> Job:
+        """Save and log the final state (through around_final, as every final state)."""
+        return self.driver.save_final(lambda j: apply_result(j, result))
 
 
 class Driver:
@@ -119,11 +127,15 @@ class Driver:
                     ):
                         raise JobError("Job container has vanished")
                     self.set_step(StatusCode.PREPARING, Msg.PREPARING)
-                    _fault("prepare")
+                    fault("prepare")
+                    # Recorded before anything is copied: finalize must know every input, even
+                    # if the needed action runs again before this job ends.
+                    inputs = input_files(self.config, self.conn, job)
+                    self.save(lambda j, i=inputs: j.copy(input_files=i))
                     self.executor.prepare(self.job)
                     known = ExecutorState.PREPARED
                 elif state is ExecutorState.PREPARED:
-                    _fault("execute")
+                    fault("execute")
                     self.executor.execute(self.job)
                     self.set_step(StatusCode.EXECUTING, Msg.RUNNING)
                     known = ExecutorState.EXECUTING
@@ -136,9 +148,8 @@ class Driver:
                     phase = "finalizing"
                     self.set_step(StatusCode.FINALIZING, Msg.FINALIZING)
                     self.check_daemon_restart()
-                    _fault("finalize")
-                    result = self.executor.finalize(self.job)
-                    final = self.save_final(lambda j, r=result: apply_result(j, r))
+                    fault("finalize")
+                    final = self.executor.finalize(self.job, _Outcome(self))
                     self.cleanup(final)
                     return final
                 else:
@@ -350,7 +361,7 @@ class Driver:
         said = False
         while True:
             try:
-                _fault("cleanup")
+                fault("cleanup")
                 self.executor.cleanup(job)
                 cleanup_debt.settled(self.conn, job.id)
                 return

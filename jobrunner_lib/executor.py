@@ -15,16 +15,25 @@ import sqlite3
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from . import docker, docker_files, extract, git, git_repos, tarstream, volumes
+from . import (
+    db_queries,
+    docker,
+    docker_files,
+    extract,
+    git,
+    git_repos,
+    outputs,
+    tarstream,
+    volumes,
+    workspaces,
+)
 from .config import Config
-from .db_queries import job_from_row
 from .docker import JobError
-from .models import Job, State, StatusCode, transition
+from .models import Job, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -37,35 +46,6 @@ class ExecutorState(str, Enum):
     EXECUTING = "executing"
     EXECUTED = "executed"  # container stopped: finalize
     ERROR = "error"  # the executor's objects are in a state it cannot use
-
-
-@dataclass
-class FinalResult:
-    """The outcome of finalizing a job, to be applied to the job row."""
-
-    state: State
-    status_code: StatusCode
-    message: str
-    completed_at: int
-    exit_code: int | None = None
-    image_id: str | None = None
-    outputs: dict[str, str] = field(default_factory=dict)
-    unmatched_outputs: list[str] | None = None
-
-
-def apply_result(job: Job, result: FinalResult) -> Job:
-    """The job moved to its final state as the result says (not saved)."""
-    return transition(
-        job,
-        result.state,
-        result.status_code,
-        result.message,
-        at=result.completed_at,
-        exit_code=result.exit_code,
-        image_id=result.image_id or job.image_id,
-        outputs=result.outputs,
-        unmatched_outputs=result.unmatched_outputs,
-    )
 
 
 class Executor(ABC):
@@ -84,8 +64,8 @@ class Executor(ABC):
         """Where the job is, from the platform alone."""
 
     @abstractmethod
-    def finalize(self, job: Job) -> FinalResult:
-        """Decide the outcome and write logs, metadata and outputs."""
+    def finalize(self, job: Job, outcome: Outcome) -> Job:
+        """Decide the outcome, write logs, metadata and outputs, and save it through outcome."""
 
     @abstractmethod
     def cleanup(self, job: Job) -> None:
@@ -186,16 +166,32 @@ def remove_stale_temps(files: Iterable[Path]) -> list[Path]:
     return removed
 
 
-def latest_succeeded_job(
-    conn: sqlite3.Connection, workspace: str, action: str, exclude_id: str | None = None
-) -> Job | None:
-    """The newest succeeded job of an action in a workspace (whose outputs are on disk)."""
-    row = conn.execute(
-        "SELECT * FROM job WHERE workspace = ? AND action = ? AND state = 'succeeded' AND id != ? "
-        "ORDER BY created_at DESC, rowid DESC LIMIT 1",
-        (workspace, action, exclude_id or ""),
-    ).fetchone()
-    return job_from_row(row) if row else None
+def input_files(config: Config, conn: sqlite3.Connection, job: Job) -> dict[str, str]:
+    """path -> action for every output of every needed action (its latest successful job's):
+    what prepare copies into the volume, recorded in the job before the copy. JobError if a
+    needed action has no successful run or a file is missing from the workspace."""
+    workspace = workspaces.high(config, job.workspace)
+    files: dict[str, str] = {}
+    for action in job.requires_outputs_from:
+        producer = db_queries.latest_succeeded_job(conn, job.workspace, action)
+        if producer is None:
+            raise JobError(
+                f"No successful run of action {action} in workspace {job.workspace} "
+                "to take inputs from"
+            )
+        for path in sorted(producer.outputs or {}):
+            source = workspace / path
+            if (
+                not outputs.is_safe_relative_path(path)
+                or not source.is_file()
+                or source.is_symlink()
+            ):
+                raise JobError(
+                    f"The file {path} doesn't exist in workspace {job.workspace} "
+                    f"as requested for job {job.id}"
+                )
+            files[path] = action
+    return files
 
 
 class LocalDockerExecutor(Executor):
@@ -297,30 +293,25 @@ class LocalDockerExecutor(Executor):
         )
 
     def _input_files(self, job: Job) -> dict[str, tuple[str, Path]]:
-        """path -> (action, file) for every output of every needed action; JobError if one is missing."""
-        from . import outputs
-
-        workspace = self.high_workspace(job.workspace)
+        """path -> (action, file) for the inputs recorded in the job (JobError if one is missing);
+        taken from the workspace now for a job that has none recorded."""
+        recorded = job.input_files
+        if recorded is None:
+            recorded = input_files(self.config, self.conn, job)
+        workspace = workspaces.high(self.config, job.workspace)
         files: dict[str, tuple[str, Path]] = {}
-        for action in job.requires_outputs_from:
-            producer = latest_succeeded_job(self.conn, job.workspace, action)
-            if producer is None:
+        for path, action in sorted(recorded.items()):
+            source = workspace / path
+            if (
+                not outputs.is_safe_relative_path(path)
+                or not source.is_file()
+                or source.is_symlink()
+            ):
                 raise JobError(
-                    f"No successful run of action {action} in workspace {job.workspace} "
-                    "to take inputs from"
+                    f"The file {path} doesn't exist in workspace {job.workspace} "
+                    f"as requested for job {job.id}"
                 )
-            for path in sorted(producer.outputs or {}):
-                source = workspace / path
-                if (
-                    not outputs.is_safe_relative_path(path)
-                    or not source.is_file()
-                    or source.is_symlink()
-                ):
-                    raise JobError(
-                        f"The file {path} doesn't exist in workspace {job.workspace} "
-                        f"as requested for job {job.id}"
-                    )
-                files[path] = (action, source)
+            files[path] = (action, source)
         return files
 
     def _volume_tar(
@@ -395,31 +386,20 @@ class LocalDockerExecutor(Executor):
         """Kill the job's container (its logs stay for finalize)."""
         docker.kill_container(docker.container_name(job.id))
 
-    def finalize(self, job: Job) -> FinalResult:
+    def finalize(self, job: Job, outcome: Outcome) -> Job:
         """See finalize.finalize_job; then remove what an interrupted earlier finalize left."""
         from .finalize import finalize_job, log_dir
 
-        result = finalize_job(self, job)
-        high, medium = self.high_workspace(job.workspace), self.medium_workspace(job.workspace)
-        logs = log_dir(self.config.high_privacy_storage_base, job.id, result.completed_at)
-        written = [logs / "logs.txt", logs / "metadata.json", medium / "metadata/manifest.json"]
-        for path in [*result.outputs, f"metadata/{job.action}.log"]:
-            written += [root.joinpath(*path.split("/")) for root in (high, medium)]
-        for stale in remove_stale_temps(written):
+        final = finalize_job(self, job, outcome)
+        logs = log_dir(self.config.high_privacy_storage_base, job.id, final.completed_at or 0)
+        for stale in remove_stale_temps([logs / "logs.txt", logs / "metadata.json"]):
             log.info(f"Removed {stale}, left by an interrupted copy", extra={"job": job})
-        return result
+        return final
 
     def cleanup(self, job: Job) -> None:
-        """Remove the job container, the helper and the volume."""
+        """Remove the job container, the helper, the volume and anything left staged."""
         log.info("Cleaning up container and volume", extra={"job": job})
         docker.remove_container(docker.container_name(job.id))
         docker.remove_container(docker.helper_name(job.id))
         volumes.remove(self.config, job.id)
-
-    def high_workspace(self, workspace: str) -> Path:
-        """`$HIGH/workspaces/<workspace>`."""
-        return self.config.high_privacy_storage_base / "workspaces" / workspace
-
-    def medium_workspace(self, workspace: str) -> Path:
-        """`$MEDIUM/workspaces/<workspace>`."""
-        return self.config.medium_privacy_storage_base / "workspaces" / workspace
+        workspaces.discard_staging(self.config, job.id)

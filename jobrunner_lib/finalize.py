@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import docker, extract, outputs, tarstream, volumes
+from . import db_queries, docker, extract, faults, outputs, tarstream, volumes, workspaces
 from .docker import JobError
-from .models import Job, Msg, State, StatusCode, iso, now
+from .models import FinalResult, Job, Msg, Outcome, State, StatusCode, apply_result, iso, now
 
 if TYPE_CHECKING:
-    from .executor import FinalResult, LocalDockerExecutor
+    from .executor import LocalDockerExecutor
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,6 @@ def decide(
     `job_error` says why some matched outputs cannot be copied (unsafe names, a clash with the
     workspace): the job then fails with that message rather than succeeding without them.
     """
-    from .executor import FinalResult
-
     common = dict(
         completed_at=completed_at,
         exit_code=exit_code,
@@ -156,6 +154,10 @@ def trailer(metadata: dict[str, Any]) -> str:
     if metadata.get("unmatched_outputs"):
         text += "\nDid you mean to match one of these files instead?\n"
         text += "".join(f" - {path}\n" for path in metadata["unmatched_outputs"])
+    if metadata.get("output_notes"):
+        # Matched files that are not this job's outputs, and levels raised (outputs.Claim).
+        text += "\nNot copied as this action's outputs, or kept highly_sensitive:\n"
+        text += "".join(f" - {note}\n" for note in metadata["output_notes"])
     text += "\noutputs:\n"
     rows = sorted((metadata.get("outputs") or {}).items())
     if not rows:
@@ -164,180 +166,176 @@ def trailer(metadata: dict[str, Any]) -> str:
     return text + "".join(f"  {path:<{width}}  - {level}\n" for path, level in rows)
 
 
-def workspace_path(root: Path, rel: str, checked: set[str] | None = None) -> Path:
-    """root/rel, refusing paths that could leave the workspace (a job's file names are untrusted).
+def _candidates(job: Job, files: list[tarstream.VolumeFile]) -> tuple[list[str], list[str]]:
+    """(paths the job may have written under acceptable names, paths whose names are refused)."""
+    candidates, unsafe = [], []
+    for f in files:
+        if f.path == outputs.MARKER:
+            continue
+        problem = outputs.name_problem(f.path)
+        if problem:
+            log.warning(f"Not copying {outputs.printable(f.path)}: {problem}", extra={"job": job})
+            unsafe.append(f.path)
+        else:
+            candidates.append(f.path)
+    return candidates, unsafe
 
-    A file where rel needs a directory (or a directory where it needs a file), left by another
-    action's outputs, is a JobError naming both: the job cannot be finalized into that workspace.
-    `checked` remembers parent directories already checked, for callers placing many files.
+
+def _neighbours(executor: LocalDockerExecutor, job: Job) -> outputs.Workspace:
+    produced, declared = db_queries.workspace_outputs(executor.conn, job.workspace, job.id)
+    return outputs.neighbours(job.action, produced, declared)
+
+
+def _inputs(executor: LocalDockerExecutor, job: Job) -> dict[str, str]:
+    """The inputs copied into the job's volume, as recorded before the copy (path -> action).
+
+    A job prepared by a jr older than the record gets them from the needed actions' latest
+    successful jobs, as prepare took them.
     """
-    if not outputs.is_safe_relative_path(rel):
-        raise RuntimeError(f"refusing unsafe output path {rel!r}")
-    parts = rel.split("/")
-    parent = os.path.join(root, *parts[:-1])
-    if checked is None or parent not in checked:
-        current = root
-        for depth, part in enumerate(parts[:-1], start=1):
-            current = current / part
-            if current.is_symlink():
-                raise RuntimeError(f"refusing to write {rel!r}: {current} is a symlink")
-            if current.exists() and not current.is_dir():
-                where = "/".join(parts[:depth])
-                raise JobError(f"Cannot write output {rel}: {where} is a file in the workspace")
-        if checked is not None:
-            checked.add(parent)
-    dest = root.joinpath(*parts)
-    if dest.is_dir() and not dest.is_symlink():
-        raise JobError(f"Cannot write output {rel}: it is a directory in the workspace")
-    return dest
+    if job.input_files is not None:
+        return dict(job.input_files)
+    found: dict[str, str] = {}
+    for action in job.requires_outputs_from:
+        producer = db_queries.latest_succeeded_job(executor.conn, job.workspace, action)
+        found.update({path: action for path in (producer.outputs or {})} if producer else {})
+    return found
 
 
-def finalize_job(executor: LocalDockerExecutor, job: Job) -> FinalResult:
-    """Inspect, list and match outputs, decide, write logs.txt + metadata.json, copy outputs out."""
-    from .executor import apply_result, latest_succeeded_job
+def finalize_job(executor: LocalDockerExecutor, job: Job, outcome: Outcome) -> Job:
+    """Inspect, claim and stage outputs, then (holding the workspace lock) decide, write logs.txt
+    and metadata.json, place the staged files, write the action logs, save the outcome and delete
+    obsolete outputs. Returns the job as saved.
 
+    A kill or crash at any point leaves whole files only: outputs and logs are staged first, and
+    the action logs are written just before the save, under the lock jr-kill takes to rewrite
+    them, so they never contradict the state the store holds.
+    """
     config = executor.config
     info = docker.inspect_container(docker.container_name(job.id))
     if info is None:
         raise JobError("Job container has vanished")
     info = redact_environment(info)
-    exit_code = int(info["State"]["ExitCode"])
-    image_id = info.get("Image")
+    oom = bool(info["State"].get("OOMKilled"))
+    exit_code, image_id = int(info["State"]["ExitCode"]), info.get("Image")
+    if job.cancelled:  # a cancelled job's files are never looked at (SPEC.md §2.1)
+        result = decide(job, exit_code, oom, {}, [], None, image_id, now())
+        _write_logs(executor, job, result, info)
+        return outcome.save(result)
 
-    matched: dict[str, str] = {}
-    unmatched_patterns: list[str] = []
-    unmatched: list[str] | None = None
-    refused: list[str] = []
-    clashes: list[str] = []
-    files: list[tarstream.VolumeFile] = []
-    destinations: dict[str, list[Path]] = {}
-    high, medium = executor.high_workspace(job.workspace), executor.medium_workspace(job.workspace)
-    if not job.cancelled:  # a cancelled job's files are never looked at
+    staging = workspaces.Staging(config, job.id)
+    staging.discard()  # what an interrupted attempt staged is redone from the volume
+    high, medium = workspaces.high(config, job.workspace), workspaces.medium(config, job.workspace)
+    try:
         files = volumes.output_files(config, job)
-        marker = next((f for f in files if f.path == docker.MARKER), None)
-        candidates = []
-        unsafe = []
-        for f in files:
-            if f.path == docker.MARKER:
-                continue
-            problem = outputs.name_problem(f.path)
-            if problem:
-                log.warning(
-                    f"Not copying {outputs.printable(f.path)}: {problem}", extra={"job": job}
-                )
-                unsafe.append(f.path)
-                continue
-            candidates.append(f)
-        matched, unmatched_patterns = outputs.match_outputs(
-            job.output_spec, [f.path for f in candidates]
+        marker = next((f for f in files if f.path == outputs.MARKER), None)
+        candidates, unsafe = _candidates(job, files)
+        inputs = _inputs(executor, job)
+        claim = outputs.claim_outputs(
+            job.action, job.output_spec, candidates, inputs, _neighbours(executor, job)
         )
-        matched = dict(matched)
-        refused = sorted(outputs.match_outputs(job.output_spec, unsafe)[0])
-        # Where each output goes, found before deciding: a clash with what the workspace holds
+        # Where each output goes, found before copying: a clash with what the workspace holds
         # fails the job (and skips that file) instead of surfacing half-way through the copies.
-        # Medium-privacy copies are written from the same read as the high-privacy ones.
+        clashes: list[str] = []
+        staged: dict[str, list[Path]] = {}
         checked: set[str] = set()
-        to_medium = set(outputs.medium_privacy_files(matched))
-        for path in sorted(matched):
+        to_medium = set(outputs.medium_privacy_files(claim.outputs))
+        for path in sorted(claim.outputs):
             try:
-                destinations[path] = [workspace_path(high, path, checked)]
+                workspaces.workspace_path(high, path, checked)
+                staged[path] = [staging.path("high", path)]
                 if path in to_medium:
-                    destinations[path].append(workspace_path(medium, path, checked))
+                    workspaces.workspace_path(medium, path, checked)
+                    staged[path].append(staging.path("medium", path))
             except JobError as exc:
                 log.warning(str(exc), extra={"job": job})
                 clashes.append(f"JobError: {exc}")
-                destinations.pop(path, None)
-                del matched[path]
-        if unmatched_patterns:
-            # Files the job wrote (newer than the marker) that no pattern matched: usually a typo.
-            # Inputs copied in are not the job's own files, whatever their mtime says.
-            inputs = set()
-            for action in job.requires_outputs_from:
-                producer = latest_succeeded_job(executor.conn, job.workspace, action)
-                inputs.update((producer.outputs or {}) if producer else {})
-            new = [
-                f.path
-                for f in candidates
-                if (marker is None or f.mtime >= marker.mtime) and f.path not in inputs
-            ]
-            unmatched = list(outputs.unmatched_files(new, matched))
+                staged.pop(path, None)
+        # The long part, before the lock: every file copied out of the volume into staging.
+        volumes.copy_outputs(
+            config,
+            job,
+            files,
+            staged,
+            progress=executor.progress,
+            starting=lambda path: log.info(f"Extracting output file: {path}", extra={"job": job}),
+        )
+        faults.pause("staged")
+        with workspaces.locked(config, job.workspace):
+            job = outcome.current()  # killed meanwhile: nothing is placed
+            # Claimed again against the workspace as it is now: another action's job may have
+            # finished meanwhile. Only what was staged can be placed.
+            ws = _neighbours(executor, job)
+            kept = [p for p in candidates if p in staged or p not in claim.outputs]
+            claim = outputs.claim_outputs(job.action, job.output_spec, kept, inputs, ws)
+            for path in [p for p in claim.outputs if p not in staged]:
+                claim.left_out[path] = "it was another action's output when the copy began"
+                del claim.outputs[path]
+            for note in claim.notes():
+                log.info(note, extra={"job": job})
+            unmatched = None
+            own_names = set(candidates)
+            if claim.unmatched_patterns:
+                # Files the job wrote (newer than the marker) that no pattern matched: usually a
+                # typo. Inputs, jr's files and other actions' files are not the job's own.
+                unmatched = outputs.unmatched_files(
+                    [
+                        f.path
+                        for f in files
+                        if f.path in own_names
+                        and (marker is None or f.mtime >= marker.mtime)
+                        and f.path not in claim.left_out
+                        and f.path not in inputs
+                        and not outputs.is_jr_file(f.path)
+                    ],
+                    claim.outputs,
+                )
+            refused = sorted(outputs.match_outputs(job.output_spec, unsafe)[0])
+            result = decide(
+                job,
+                exit_code,
+                oom,
+                claim.outputs,
+                claim.unmatched_patterns,
+                unmatched,
+                image_id,
+                now(),
+                refused_message(refused) if refused else (clashes[0] if clashes else None),
+            )
+            logs_txt = _write_logs(executor, job, result, info, claim.notes())
+            workspaces.place_outputs(job, staging, claim.outputs, high, medium)
+            workspaces.purge_medium(job, medium, claim.outputs, ws)
+            faults.pause("placed")
+            workspaces.write_action_logs(config, job, logs_txt, staging)
+            faults.pause("logged")
+            final = outcome.save(result)
+            if final.state is State.SUCCEEDED:
+                previous = db_queries.latest_succeeded_job(
+                    executor.conn, job.workspace, job.action, exclude_id=job.id
+                )
+                workspaces.delete_obsolete(final, previous, ws, high, medium)
+            return final
+    finally:
+        staging.discard()
 
-    result = decide(
-        job,
-        exit_code,
-        bool(info["State"].get("OOMKilled")),
-        matched,
-        unmatched_patterns,
-        unmatched,
-        image_id,
-        now(),
-        refused_message(refused) if refused else (clashes[0] if clashes else None),
-    )
+
+def _write_logs(
+    executor: LocalDockerExecutor,
+    job: Job,
+    result: FinalResult,
+    info: dict[str, Any],
+    notes: list[str] | None = None,
+) -> Path:
+    """logs.txt and metadata.json of the job as the result leaves it; logs.txt's path."""
     final = apply_result(job, result)
     metadata = job_metadata(
-        final, _original_request(executor, job), info, executor.resource_usage.get(job.id)
+        final,
+        db_queries.original_request(executor.conn, job.job_request_id),
+        info,
+        executor.resource_usage.get(job.id),
     )
-    logs_txt = write_job_logs(config.high_privacy_storage_base, final, metadata)
-    if job.cancelled:
-        return result  # SPEC.md §2.1: only the log and metadata; workspaces untouched
-
-    action_log = workspace_path(high, f"metadata/{job.action}.log")
-    extract.atomic_copy(logs_txt, action_log)
-    log.info(f"Logs written to: {action_log}", extra={"job": job})
-    extract.atomic_copy(logs_txt, workspace_path(medium, f"metadata/{job.action}.log"))
-
-    # Host files, or few Docker calls however many files (volumes.py, copyout.py); each file is
-    # still written through a temporary name and renamed into place, and only regular files are
-    # ever written.
-    volumes.copy_outputs(
-        config,
-        job,
-        files,
-        destinations,
-        progress=executor.progress,
-        starting=lambda path: log.info(f"Extracting output file: {path}", extra={"job": job}),
-    )
-    # A path now declared more sensitive than before must not keep its old medium-privacy copy.
-    medium_checked: set[str] = set()
-    for path, targets in destinations.items():
-        if len(targets) > 1:
-            continue
-        try:
-            stale = workspace_path(medium, path, medium_checked)
-            if stale.is_file() or stale.is_symlink():
-                log.info(f"Deleting medium privacy copy of {path}", extra={"job": job})
-                stale.unlink()
-        except (JobError, OSError) as exc:  # not a file there: nothing of this path to remove
-            log.warning(f"Could not check {path} in the medium tree: {exc}", extra={"job": job})
-    # The rump manifest, still read by the release tooling.
-    manifest = json.dumps({"repo": job.repo_url, "workspace": job.workspace}, indent=2)
-    extract.atomic_write(workspace_path(medium, "metadata/manifest.json"), manifest)
-
-    if result.state is State.SUCCEEDED:
-        # Only a success replaces the previous run's set of outputs; after a failure the old
-        # run's files may still be what the workspace needs.
-        previous = latest_succeeded_job(executor.conn, job.workspace, job.action, exclude_id=job.id)
-        if previous is not None and previous.outputs:
-            for path in sorted(outputs.obsolete_outputs(previous.outputs, matched)):
-                log.info(f"Deleting obsolete output file: {path}", extra={"job": job})
-                for root in (high, medium):
-                    try:
-                        workspace_path(root, path).unlink(missing_ok=True)
-                    except (JobError, OSError) as exc:  # e.g. now a directory: leave it
-                        log.warning(f"Could not delete {path}: {exc}", extra={"job": job})
-    return result
-
-
-def _original_request(executor: LocalDockerExecutor, job: Job) -> dict[str, Any] | None:
-    row = executor.conn.execute(
-        "SELECT original FROM job_request WHERE id = ?", (job.job_request_id,)
-    ).fetchone()
-    if not row or not row[0]:
-        return None
-    try:
-        return json.loads(row[0])
-    except ValueError:
-        return None
+    if notes:
+        metadata["output_notes"] = notes
+    return write_job_logs(executor.config.high_privacy_storage_base, final, metadata)
 
 
 def write_job_logs(high_privacy_base: Path, job: Job, metadata: dict[str, Any]) -> Path:
@@ -346,15 +344,22 @@ def write_job_logs(high_privacy_base: Path, job: Job, metadata: dict[str, Any]) 
     directory.mkdir(parents=True, exist_ok=True)
     logs_txt = directory / "logs.txt"
     tmp = directory / f".jr-tmp-logs.txt.{os.getpid()}"
+    from . import joblog
+
+    # The limit the container was made with, which its Docker log was bounded to keep.
+    limit = joblog.container_limit(metadata.get("container_metadata"))
     try:
-        with open(tmp, "wb") as out:
-            last = b"\n"
-            for chunk in docker.container_logs(docker.container_name(job.id), timestamps=True):
-                if chunk:
-                    out.write(chunk)
-                    last = chunk[-1:]
-            out.write(b"\n" if last == b"\n" else b"\n\n")  # then one blank line
+        with open(tmp, "w+b") as out:  # read too: only the end is kept, compacted in place
+            chunks = docker.container_logs(docker.container_name(job.id), timestamps=True)
+            kept = joblog.write_capped(chunks, out, limit)
+            out.write(b"\n" if kept.ends_line else b"\n\n")  # then one blank line
             out.write(trailer(metadata).encode())
+        if kept.cut:
+            log.info(
+                f"Job log cut to its last {kept.kept_bytes} of {kept.total_bytes} bytes "
+                f"(JOB_LOG_LIMIT={limit})",
+                extra={"job": job},
+            )
         os.replace(tmp, logs_txt)
     except BaseException:
         tmp.unlink(missing_ok=True)

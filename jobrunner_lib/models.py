@@ -11,7 +11,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import IllegalTransition
 
@@ -173,6 +173,8 @@ class Job:
     error_detail: str | None = None
     attempts: int = 0
     rev: int = 0
+    # schema v3: path -> action for every file copied into the volume as an input (None: not yet).
+    input_files: dict[str, str] | None = None
 
     @property
     def project(self) -> str:
@@ -269,3 +271,42 @@ def new_job(
         job.started_at = at
         job.completed_at = at
     return job
+
+
+@dataclass
+class FinalResult:
+    """The outcome of finalizing a job, to be applied to the job row."""
+
+    state: State
+    status_code: StatusCode
+    message: str
+    completed_at: int
+    exit_code: int | None = None
+    image_id: str | None = None
+    outputs: dict[str, str] = field(default_factory=dict)
+    unmatched_outputs: list[str] | None = None
+
+
+def apply_result(job: Job, result: FinalResult) -> Job:
+    """The job moved to its final state as the result says (not saved)."""
+    return transition(
+        job,
+        result.state,
+        result.status_code,
+        result.message,
+        at=result.completed_at,
+        exit_code=result.exit_code,
+        image_id=result.image_id or job.image_id,
+        outputs=result.outputs,
+        unmatched_outputs=result.unmatched_outputs,
+    )
+
+
+class Outcome(Protocol):
+    """How an executor's finalize sees the job's row: re-read it, and save the outcome."""
+
+    def current(self) -> Job:
+        """The job as the store holds it now; raises if it is no longer this worker's to finish."""
+
+    def save(self, result: FinalResult) -> Job:
+        """Save the final state (compare-and-set); raises if the job is no longer ours."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sqlite3
 from typing import Any
@@ -45,24 +44,28 @@ def fail_job(conn: sqlite3.Connection, job: Job, who: str) -> tuple[Job, bool]:
     raise TemporaryFailure(f"job {job.id} keeps changing; try again")
 
 
-def original_request(conn: sqlite3.Connection, request_id: str) -> dict[str, Any] | None:
-    """The request as received (for metadata.json), if it was stored."""
-    row = conn.execute("SELECT original FROM job_request WHERE id = ?", (request_id,)).fetchone()
-    try:
-        return json.loads(row[0]) if row and row[0] else None
-    except ValueError:
-        return None
+def keep_log(ctx: Context, job: Job, info: dict[str, Any], was: Job) -> str:
+    """Write logs.txt + metadata.json for a killed job from its container; the log's path.
 
-
-def keep_log(ctx: Context, job: Job, info: dict[str, Any]) -> str:
-    """Write logs.txt + metadata.json for a killed job from its container; the log's path."""
-    from .. import finalize
+    Holding the workspace lock (its worker is stopped by now): what an interrupted finalize
+    staged is removed, and an action log the worker may have written for this job is rewritten
+    to say what the store says (workspaces.rewrite_action_logs).
+    """
+    from .. import finalize, workspaces
 
     assert ctx.config is not None
     metadata = finalize.job_metadata(
-        job, original_request(ctx.conn, job.job_request_id), finalize.redact_environment(info), None
+        job,
+        db_queries.original_request(ctx.conn, job.job_request_id),
+        finalize.redact_environment(info),
+        None,
     )
-    return str(finalize.write_job_logs(ctx.config.high_privacy_storage_base, job, metadata))
+    with workspaces.locked(ctx.config, job.workspace):
+        logs_txt = finalize.write_job_logs(ctx.config.high_privacy_storage_base, job, metadata)
+        workspaces.discard_staging(ctx.config, job.id)
+        if workspaces.rewrite_action_logs(ctx.config, job, logs_txt, was.status_code):
+            log.info("Action logs rewritten for the killed job", extra={"job": job})
+    return str(logs_txt)
 
 
 class Kill(Tool):
@@ -173,7 +176,7 @@ Does not contact the jobs website: the next jr-sync reports the new state. Safe 
         """Change the row, then stop the worker, then the container; keep the log; clean up."""
         from .. import docker
 
-        before = job.state
+        before, was = job.state, job
         job, killed = fail_job(ctx.conn, job, who)
         if killed:
             log.info(f"{job.status_message} (was {before.value})", extra={"job": job})
@@ -199,7 +202,7 @@ Does not contact the jobs website: the next jr-sync reports the new state. Safe 
                     notes.append("container stopped")
                     info = docker.inspect_container(name) or info
                 if killed or not self.log_exists(ctx, job):
-                    notes.append(f"log kept in {keep_log(ctx, job, info)}")
+                    notes.append(f"log kept in {keep_log(ctx, job, info, was)}")
         if ctx.args.cleanup:
             assert ctx.config is not None
             removed = service.remove_job_objects(ctx.config, job.id)

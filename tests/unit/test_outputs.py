@@ -12,6 +12,9 @@ from hypothesis import strategies as st
 from jobrunner_lib import pipeline_rules
 from jobrunner_lib.outputs import (
     PRIVACY_LEVELS,
+    claim_outputs,
+    declared_high,
+    neighbours,
     glob_to_regex,
     is_safe_relative_path,
     match_outputs,
@@ -20,6 +23,7 @@ from jobrunner_lib.outputs import (
     unmatched_files,
 )
 
+HIGH, MODERATE, MINIMAL = PRIVACY_LEVELS
 segment = st.text(alphabet="ab.+()$^{}|-_ *", min_size=1, max_size=8)
 
 
@@ -177,13 +181,30 @@ def test_routing_never_sends_a_file_whose_final_level_is_highly_sensitive(spec, 
 def test_obsolete_outputs_are_previous_paths_not_produced_now() -> None:
     previous = {"o/a.csv": "highly_sensitive", "o/b.csv": "moderately_sensitive"}
     current = {"o/a.csv": "highly_sensitive", "o/c.csv": "moderately_sensitive"}
-    assert obsolete_outputs(previous, current) == ["o/b.csv"]
+    # o/b.csv was copied to the medium tree too, so it goes from both
+    assert obsolete_outputs(previous, current) == {"o/b.csv": True}
 
 
 def test_obsolete_outputs_compare_paths_case_insensitively() -> None:
     previous = {"Output/Table.CSV": "moderately_sensitive", "output/gone.csv": "highly_sensitive"}
     current = {"output/table.csv": "moderately_sensitive"}
-    assert obsolete_outputs(previous, current) == ["output/gone.csv"]
+    # highly sensitive: only ever in the high tree, so never deleted from the medium one
+    assert obsolete_outputs(previous, current) == {"output/gone.csv": False}
+
+
+def test_obsolete_outputs_never_name_another_actions_file_or_jr_files() -> None:
+    previous = {
+        "output/dataset.csv": "moderately_sensitive",  # recorded by an old jr: extract's input
+        "output/moved.csv": "moderately_sensitive",  # now produced by action `a`
+        "metadata/other.log": "moderately_sensitive",
+        "output/gone.csv": "minimally_sensitive",
+    }
+    ws = neighbours(
+        "b",
+        {"extract": {"output/dataset.csv": HIGH}, "a": {"Output/Moved.csv": MODERATE}},
+        {},
+    )
+    assert obsolete_outputs(previous, {}, ws) == {"output/gone.csv": True}
 
 
 @pytest.mark.parametrize(
@@ -226,3 +247,138 @@ def test_a_highly_sensitive_file_is_never_routed_to_medium_whatever_else_matches
         matched, _ = match_outputs(spec, ["out/secret.csv", "out/table.csv"])
         assert "out/secret.csv" not in medium_privacy_files(matched)
         assert "out/table.csv" in medium_privacy_files(matched)
+
+
+# ---- ownership: which files a job may claim ----------------------------------------------------
+
+
+def test_an_input_matched_by_a_broad_glob_is_not_claimed_and_the_log_says_why() -> None:
+    # The leak of issue 16: `tables` needs `extract`, whose highly sensitive dataset.csv sits in
+    # its volume; its moderately sensitive glob output/*.csv matches it.
+    ws = neighbours("tables", {"extract": {"output/dataset.csv": HIGH}}, {})
+    claim = claim_outputs(
+        "tables",
+        {MODERATE: {"tables": "output/*.csv"}},
+        ["output/dataset.csv", "output/table_counts.csv", "analysis/tables.py"],
+        {"output/dataset.csv": "extract"},
+        ws,
+    )
+    assert claim.outputs == {"output/table_counts.csv": MODERATE}
+    assert claim.unmatched_patterns == []
+    assert claim.left_out == {"output/dataset.csv": "it is an input, copied in from action extract"}
+    assert claim.notes() == [
+        "Not an output: 'output/dataset.csv': it is an input, copied in from action extract"
+    ]
+    assert medium_privacy_files(claim.outputs) == ["output/table_counts.csv"]
+
+
+def test_a_pattern_matching_only_files_that_are_not_the_jobs_is_unmatched() -> None:
+    claim = claim_outputs(
+        "tables",
+        {MODERATE: {"t": "output/*.csv"}},
+        ["output/dataset.csv"],
+        {"output/dataset.csv": "extract"},
+        neighbours("tables", {}, {}),
+    )
+    assert claim.outputs == {} and claim.unmatched_patterns == ["output/*.csv"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["metadata/victim.log", "metadata/tables.log", "METADATA/x.log", "metadata/manifest.json",
+     ".opensafely-timestamp", "metadata/sub/x.csv"],
+)  # fmt: skip
+def test_jr_files_are_never_outputs_whatever_the_pattern(path: str) -> None:
+    spec = {MODERATE: {"a": "*/victim.log", "b": "*/*.log", "c": "*/*.json", "d": "*"}}
+    spec[HIGH] = {"e": "*/*/*.csv", "f": ".opensafely-timestamp", "g": path}
+    claim = claim_outputs("tables", spec, [path], {}, neighbours("tables", {}, {}))
+    assert claim.outputs == {}
+    assert path in claim.left_out
+
+
+def test_another_actions_current_output_is_not_claimed() -> None:
+    ws = neighbours("b", {"a": {"output/x.csv": MODERATE}, "b": {"output/x.csv": MODERATE}}, {})
+    claim = claim_outputs(
+        "b", {MODERATE: {"x": "output/*.csv"}}, ["output/x.csv", "output/y.csv"], {}, ws
+    )
+    assert claim.outputs == {"output/y.csv": MODERATE}
+    assert claim.left_out == {"output/x.csv": "it is an output of action a"}
+
+
+def test_a_path_another_action_declares_highly_sensitive_stays_high() -> None:
+    ws = neighbours(
+        "tables",
+        {"old": {"output/old.csv": HIGH}},
+        {"extract": {HIGH: {"d": "output/data*.csv"}}, "tables": {HIGH: {"t": "output/t.csv"}}},
+    )
+    claim = claim_outputs(
+        "tables",
+        {MODERATE: {"t": "output/*.csv"}, MINIMAL: {"n": "notes/*.txt"}},
+        ["output/dataset.csv", "output/table.csv", "Output/Data2.CSV", "notes/n.txt"],
+        {},
+        ws,
+    )
+    # Own files (nobody owns them yet) but declared highly_sensitive elsewhere: level goes up.
+    assert claim.outputs == {
+        "output/dataset.csv": HIGH,
+        "output/table.csv": MODERATE,
+        "notes/n.txt": MINIMAL,
+    }
+    assert claim.raised == {
+        "output/dataset.csv": "action extract declares output/data*.csv highly_sensitive"
+    }
+    assert sorted(medium_privacy_files(claim.outputs)) == ["notes/n.txt", "output/table.csv"]
+    assert declared_high("output/old.csv", {}, ws)
+    assert declared_high("output/data9.csv", {}, ws)
+    assert declared_high("output/t.csv", {HIGH: {"t": "output/t.csv"}}, ws)
+    assert not declared_high("output/t.csv", {}, ws)  # the job's own action: its current spec
+
+
+paths_st = st.lists(
+    st.builds(
+        lambda d, n: f"{d}/{n}",
+        st.sampled_from(["output", "metadata", "Output", "out"]),
+        st.sampled_from(["a.csv", "b.csv", "victim.log", "A.CSV", "x.txt"]),
+    ),
+    max_size=8,
+    unique=True,
+)
+pattern_st = st.builds(
+    lambda d, n: f"{d}/{n}",
+    st.sampled_from(["output", "*", "metadata", "out*"]),
+    st.sampled_from(["*.csv", "a.csv", "*", "victim.log", "*.*"]),
+)
+level_st = st.sampled_from(PRIVACY_LEVELS)
+specs_st = st.dictionaries(
+    level_st,
+    st.dictionaries(st.text("abc", min_size=1, max_size=2), pattern_st, max_size=3),
+    max_size=3,
+)
+
+
+@given(
+    files=paths_st,
+    inputs=paths_st,
+    others=st.dictionaries(st.sampled_from(["x", "y", "me"]), st.dictionaries(st.sampled_from(
+        ["output/a.csv", "Output/b.csv", "out/x.txt"]), level_st, max_size=3), max_size=3),
+    declared=st.dictionaries(st.sampled_from(["x", "y", "me"]), specs_st, max_size=3),
+    spec=specs_st,
+)  # fmt: skip
+def test_a_claim_never_takes_what_is_not_the_jobs_and_never_lowers_privacy(
+    files, inputs, others, declared, spec
+) -> None:
+    ws = neighbours("me", others, declared)
+    claim = claim_outputs("me", spec, files + inputs, {p: "x" for p in inputs}, ws)
+    folded_inputs = {p.casefold() for p in inputs}
+    for path, level in claim.outputs.items():
+        assert not path.casefold().startswith("metadata/")
+        assert path.casefold() not in folded_inputs
+        owner = ws.owner(path)
+        assert owner is None or owner == "me"
+        if declared_high(path, spec, ws):
+            assert level == HIGH
+    for path in medium_privacy_files(claim.outputs):
+        assert not declared_high(path, spec, ws)
+    # left out paths and claimed paths never overlap; every claimed path matched a pattern
+    assert not set(claim.left_out) & set(claim.outputs)
+    assert set(claim.outputs) <= set(match_outputs(spec, files + inputs)[0])
