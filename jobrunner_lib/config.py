@@ -26,6 +26,10 @@ DATABASE_NAMES = ("full", "slice", "dummy")
 VOLUME_STORAGES = ("auto", "host", "docker")
 # The backend used for local runs on dummy data; jr's embedded mode keys its defaults off it.
 LOCAL_BACKEND = "expectations"
+# Sizes as JOB_MEMORY_LIMIT takes them (`16G`, `512m`, `20MB`, `1.5GiB`, plain bytes): binary units.
+SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?")
+SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+LINES_RE = re.compile(r"(\d+)\s*lines?")
 
 PRODUCTION_IMAGES = (
     "ehrql",
@@ -38,6 +42,43 @@ PRODUCTION_IMAGES = (
     "jupyter",
     "sqlrunner",
 )
+
+
+@dataclass(frozen=True)
+class LogLimit:
+    """How much of a job's log to keep (JOB_LOG_LIMIT): its last `count` bytes, or lines."""
+
+    count: int
+    lines: bool = False
+
+    def __str__(self) -> str:
+        """The setting as it would be written: `32M`, `1536K`, `1000`, `100000 lines`."""
+        if self.lines:
+            return f"{self.count} line{'' if self.count == 1 else 's'}"
+        for unit in ("T", "G", "M", "K"):
+            scale = SIZE_UNITS[unit.lower()]
+            if self.count >= scale and self.count % scale == 0:
+                return f"{self.count // scale}{unit}"
+        return str(self.count)
+
+
+DEFAULT_JOB_LOG_LIMIT = LogLimit(32 * 2**20)
+MIN_JOB_LOG_SIZE = 2**10
+
+
+def parse_size(text: str) -> int | None:
+    """Bytes from `16G`, `512m`, `20MB`, `1.5GiB` or `1024`; None if it is not a size."""
+    m = SIZE_RE.fullmatch(text.strip().lower())
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2)]) if m else None
+
+
+def parse_log_limit(text: str) -> LogLimit | None:
+    """A LogLimit from a size (`32M`) or a line count (`100000 lines`); None if it is neither."""
+    m = LINES_RE.fullmatch(text.strip().lower())
+    if m:
+        return LogLimit(int(m.group(1)), lines=True)
+    size = parse_size(text)
+    return None if size is None else LogLimit(size)
 
 
 @dataclass(frozen=True)
@@ -74,6 +115,7 @@ class Config:
     job_cpu_count: float | None = None
     job_pids_limit: int = 1024
     job_user: str | None = "1000:1000"
+    job_log_limit: LogLimit = DEFAULT_JOB_LOG_LIMIT
     volume_storage: str = "docker"
     volumes_path: Path | None = None
     copy_stall_timeout: float = 120.0
@@ -219,11 +261,23 @@ class _Reader:
         raw = self.str(name)
         if raw is None:
             return None
-        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", raw.lower())
-        if not m:
+        size = parse_size(raw)
+        if size is None:
             raise ConfigError(f"{name}={raw!r} is not a size: expected e.g. {name}=16G or 512M")
-        scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2)]
-        return int(float(m.group(1)) * scale)
+        return size
+
+    def log_limit(self, name: str, default: LogLimit) -> LogLimit:
+        raw = self.str(name)
+        if raw is None:
+            return default
+        limit = parse_log_limit(raw)
+        example = f"expected e.g. {name}=32M or {name}='100000 lines'"
+        if limit is None:
+            raise ConfigError(f"{name}={raw!r} is not a size or a line count: {example}")
+        if limit.count < (1 if limit.lines else MIN_JOB_LOG_SIZE):
+            least = "1 line" if limit.lines else str(LogLimit(MIN_JOB_LOG_SIZE))
+            raise ConfigError(f"{name}={raw!r} is too small: expected at least {least}, {example}")
+        return limit
 
 
 def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None = None) -> Config:
@@ -363,6 +417,7 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
         job_cpu_count=r.number("JOB_CPU_COUNT", 0.0) or None,
         job_pids_limit=int(r.number("JOB_PIDS_LIMIT", 1024, minimum=16)),
         job_user=job_user,
+        job_log_limit=r.log_limit("JOB_LOG_LIMIT", DEFAULT_JOB_LOG_LIMIT),
         volume_storage=storage,
         volumes_path=r.path("VOLUMES_DIR", workdir / "volumes", CHECKOUT_DIR),
         copy_stall_timeout=r.number("COPY_STALL_TIMEOUT", 120.0, minimum=1.0),

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib.config import LOCAL_BACKEND, load_config, normalise_path, to_windows_path
+from jobrunner_lib.config import (
+    LOCAL_BACKEND,
+    LogLimit,
+    load_config,
+    normalise_path,
+    to_windows_path,
+)
 from jobrunner_lib.errors import EXIT_CONFIG, ConfigError
 
 
@@ -86,6 +92,12 @@ def test_dummy_data_flag_accepts_spec_truthy_values(tmp_path):
         ({"JOB_MEMORY_LIMIT": "lots"}, "JOB_MEMORY_LIMIT="),
         ({"ALLOWED_IMAGES": " , "}, "ALLOWED_IMAGES"),
         ({"JOB_PIDS_LIMIT": "3"}, "JOB_PIDS_LIMIT="),
+        ({"JOB_LOG_LIMIT": "lots"}, "JOB_LOG_LIMIT='lots' is not a size or a line count"),
+        ({"JOB_LOG_LIMIT": "100 words"}, "expected e.g. JOB_LOG_LIMIT=32M"),
+        ({"JOB_LOG_LIMIT": "-5M"}, "JOB_LOG_LIMIT="),
+        ({"JOB_LOG_LIMIT": "1.5 lines"}, "JOB_LOG_LIMIT="),
+        ({"JOB_LOG_LIMIT": "100"}, "JOB_LOG_LIMIT='100' is too small: expected at least 1K"),
+        ({"JOB_LOG_LIMIT": "0 lines"}, "is too small: expected at least 1 line"),
     ],
 )
 def test_invalid_settings_name_the_variable_and_exit_78(tmp_path, env, needle):
@@ -114,6 +126,32 @@ def test_presto_files_must_exist_and_their_contents_are_used(tmp_path):
 def test_memory_limit_sizes(tmp_path):
     assert cfg(tmp_path, JOB_MEMORY_LIMIT="16G").job_memory_limit == 16 * 2**30
     assert cfg(tmp_path, JOB_MEMORY_LIMIT="512m").job_memory_limit == 512 * 2**20
+
+
+@pytest.mark.parametrize(
+    ("value", "expected", "shown"),
+    [
+        ("32M", LogLimit(32 * 2**20), "32M"),
+        ("20MB", LogLimit(20 * 2**20), "20M"),
+        ("512K", LogLimit(512 * 2**10), "512K"),
+        ("512kib", LogLimit(512 * 2**10), "512K"),
+        ("1.5G", LogLimit(1536 * 2**20), "1536M"),
+        ("1048576", LogLimit(2**20), "1M"),
+        ("5000", LogLimit(5000), "5000"),
+        (" 64m ", LogLimit(64 * 2**20), "64M"),
+        ("100000 lines", LogLimit(100_000, lines=True), "100000 lines"),
+        ("1 line", LogLimit(1, lines=True), "1 line"),
+        ("250Lines", LogLimit(250, lines=True), "250 lines"),
+    ],
+)
+def test_job_log_limit_is_a_size_or_a_line_count(tmp_path, value, expected, shown):
+    limit = cfg(tmp_path, JOB_LOG_LIMIT=value).job_log_limit
+    assert limit == expected and str(limit) == shown
+
+
+def test_job_log_limit_defaults_to_32_mib(tmp_path):
+    assert cfg(tmp_path).job_log_limit == LogLimit(32 * 2**20)
+    assert cfg(tmp_path, JOB_LOG_LIMIT="").job_log_limit == LogLimit(32 * 2**20)
 
 
 def test_database_urls_are_collected(tmp_path):
