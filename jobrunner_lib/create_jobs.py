@@ -19,6 +19,8 @@ from .config import Config
 from .ids import job_id
 from .models import ERROR_ACTION, RUN_ALL, Job, JobRequest, Msg, State, StatusCode, new_job
 from .pipeline import Pipeline, ProjectValidationError, load_pipeline
+from .pipeline_names import image_name_problem
+from .pipeline_rules import one_line
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +173,8 @@ def plan_jobs(config: Config, conn: sqlite3.Connection, request: JobRequest) -> 
     targets = pipeline.all_actions() if run_all else list(dict.fromkeys(request.requested_actions))
     for action in targets:
         if action not in pipeline.actions:
-            raise UnknownActionError(f"Action '{action}' not found in project.yaml")
+            # the name comes from the jobs website: escaped, it cannot forge a line in the log
+            raise UnknownActionError(f"Action '{one_line(action, 100)}' not found in project.yaml")
     # run_all means "everything not already done": its actions are not explicitly requested, so
     # succeeded ones are reused and failed ones re-run (the old runner refused, SPEC.md §9.11).
     requested = set() if run_all else set(targets)
@@ -285,7 +288,13 @@ def resolve_reusable_action(
     config: Config, action: str, image: str, tag: str, user_args: list[str]
 ) -> tuple[str, list[str], str, str]:
     """Resolve `<image>:<tag>` as a reusable action (SPEC.md §5.9): (image, args, repo url, commit)."""
-    where = f"in '{action}: {image}:{tag}'"
+    where = f"in '{one_line(action, 100)}: {one_line(image, 60)}:{one_line(tag, 20)}'"
+    # Before the URL is built: git would resolve `../other/act` to outside ACTIONS_BASE_URL.
+    problem = image_name_problem(image)
+    if problem:
+        raise ReusableActionError(
+            f"{where}: `{one_line(image, 60)}` is not a valid reusable action name: {problem}"
+        )
     repo_url = f"{config.actions_base_url}/{image}"
     access = git_repos.Access.for_repo(config, repo_url)
     try:

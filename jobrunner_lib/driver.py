@@ -23,6 +23,7 @@ from .faults import fault
 from .finalize import iso
 from .models import FinalResult, Job, Msg, State, StatusCode, apply_result, transition
 from .outage import DockerOutage, disk_name, full_disk_name, store_unusable
+from .pipeline_names import action_name_problem
 from .processes import _process_info
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,9 @@ class Driver:
                         raise JobError("Job container has vanished")
                     self.set_step(StatusCode.PREPARING, Msg.PREPARING)
                     fault("prepare")
+                    named = action_name_problem(job.action)
+                    if named:  # a job from before names were checked: refuse it clearly
+                        raise JobError(f"Action names {named}; rename the action")
                     # Recorded before anything is copied: finalize must know every input, even
                     # if the needed action runs again before this job ends.
                     inputs = input_files(self.config, self.conn, job)

@@ -33,12 +33,32 @@ def mask(text: str) -> str:
     return text
 
 
+def tag_value(value: Any) -> str:
+    """value as one word: whitespace, control and other unprintable characters and `\\` escaped.
+
+    Tag values come from project.yaml, the jobs website and old state stores; unescaped, a
+    newline would start a forged log line and a space (`x id=forged`) a forged tag.
+    """
+    text = str(value)
+    if text.isprintable() and " " not in text and "\\" not in text:
+        return text  # isprintable() is False for every other whitespace character
+    return "".join(_escape(c) for c in text)
+
+
+def _escape(char: str) -> str:
+    if char == " ":
+        return "\\x20"
+    if char == "\\" or not char.isprintable():
+        return ascii(char)[1:-1]  # `\n`, `\x85`, `\u2028`, `\\`
+    return char
+
+
 def job_tags(job: Any) -> str:
     """`status=… project=… action=… id=… req=…` for a job-like object, each only when known."""
     tags = []
     code = getattr(job, "status_code", None)
     if code:
-        tags.append(f"status={getattr(code, 'value', code)}")
+        tags.append(f"status={tag_value(getattr(code, 'value', code))}")
     for key, attr in (
         ("project", "project"),
         ("action", "action"),
@@ -47,7 +67,7 @@ def job_tags(job: Any) -> str:
     ):
         value = getattr(job, attr, None)
         if value:
-            tags.append(f"{key}={value}")
+            tags.append(f"{key}={tag_value(value)}")
     return " ".join(tags)
 
 
@@ -67,7 +87,7 @@ class JrFormatter(logging.Formatter):
         if job is not None:
             message = f"{message} {job_tags(job)}"
         elif getattr(record, "req", None):
-            message = f"{message} req={record.req}"
+            message = f"{message} req={tag_value(record.req)}"
         if record.exc_info:
             message = f"{message}\n{self.formatException(record.exc_info)}"
         component = getattr(record, "component", None) or self.component

@@ -2,8 +2,9 @@
 
 jr accepts exactly what the official parser (opensafely 2.0.4, "main" in PIPELINE-RULES.md)
 accepts and rejects the rest with the same words, but reports every problem at once with its
-action and line, rejects `needs` cycles, and turns the inputs that crash the official parser
-into ordinary validation errors. Pure: no I/O.
+action and line, rejects `needs` cycles and names unsafe in log lines, file names or URLs
+(pipeline_names), and turns the inputs that crash the official parser into ordinary validation
+errors. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from functools import cached_property
 from typing import Any
 
 from .pipeline_commands import config_json, is_database_action
+from .pipeline_names import action_name_problem, image_name_problem
 from .pipeline_rules import (
     LATEST_VERSION,
     PRIVACY_LEVELS,
@@ -26,6 +28,7 @@ from .pipeline_rules import (
     check_action,
     close_match_hint,
     features_for,
+    one_line,
     unexpected_parameters,
     validate_output_path,
 )
@@ -155,6 +158,7 @@ def check_project(doc: YamlDocument) -> ProjectCheck:
     _check_actions(doc, actions, feat, result)
     _check_across_actions(actions, feat, result)
     _check_expectations(doc, data, feat, result)
+    _check_names(doc, actions, result)
     _check_cycles(result)
     return result
 
@@ -309,6 +313,23 @@ def _check_expectations(doc: YamlDocument, data: dict, feat: Features | None, re
             except (TypeError, ValueError, OverflowError):
                 message = "Project expectations population size must be a number"
                 problems.append(Problem(message, doc.line_of(value, "population_size") or at))
+
+
+def _check_names(doc: YamlDocument, actions: dict, result: ProjectCheck) -> None:
+    """jr's own rule (pipeline_names): names that are safe in log lines, file names and URLs."""
+    for key in actions:
+        reason = action_name_problem(str(key))
+        if reason:
+            result.problems.append(Problem(reason, doc.line_of(actions, key), str(key)))
+    for spec in result.actions:
+        if not spec.parts:
+            continue
+        image = spec.parts[0].partition(":")[0]
+        reason = image_name_problem(image)
+        if reason:
+            shown = one_line(image, 60)
+            message = f"`run` uses image `{shown}`, which is not a valid name: {reason}"
+            result.problems.append(Problem(message, spec.run_line, spec.name))
 
 
 def _check_cycles(result: ProjectCheck) -> None:

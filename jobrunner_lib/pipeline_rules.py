@@ -81,7 +81,8 @@ class Problem:
 
 
 MAX_MESSAGE = 500
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Lone surrogates too: they are not text, and printing one to a UTF-8 stream raises.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 def one_line(text: str, limit: int) -> str:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
 from jobrunner_lib import db
+from jobrunner_lib.pipeline_names import IMAGE_NAME_RULE
+from jobrunner_lib.pipeline_rules import one_line
 from tests.support.cli import run
 from tests.support.studies import SIMPLE_PROJECT, commit_files, git, make_study
 
@@ -140,3 +145,86 @@ def test_missing_repository_path(tmp_path):
     result = run("jr-add-job", str(tmp_path / "nowhere"), workdir=tmp_path / "w")
     assert result.returncode == 2
     assert result.stderr == f"jr-add-job: repository '{tmp_path / 'nowhere'}' does not exist\n"
+
+
+UNSAFE_NAMES = {
+    "newline": ("a\nb", "may not contain control characters or line breaks (found U+000A)"),
+    "dots": ("..", "may not contain '..'"),
+    "slash": ("../escape", "may not contain / or \\ (the name becomes a file name,"),
+    "long": ("x" * 300, "may be at most 100 characters long (this one has 300)"),
+}
+
+
+@pytest.mark.parametrize(("name", "gist"), UNSAFE_NAMES.values(), ids=UNSAFE_NAMES)
+def test_an_action_name_unsafe_in_logs_or_file_names_is_refused_and_creates_no_job(
+    study, name, gist
+):
+    workdir, repo, _ = study
+    commit_files(repo, SIMPLE_PROJECT.replace("  report:", f"  {json.dumps(name)}:"))
+    result = run("jr-add-job", str(repo), workdir=workdir)
+    assert result.returncode == 1 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    (problem,) = [line for line in lines if line.startswith("project.yaml: ")]
+    assert problem.startswith(f"project.yaml: action '{one_line(name, 100)}': Action names {gist}")
+    assert problem.endswith("; rename the action (line 14)")
+    assert (
+        lines[-1]
+        == f"jr-add-job: {repo}: project.yaml is invalid (1 problem); nothing was submitted"
+    )
+    # nothing else on stderr could pass for a line of its own: every line is a log line or ours
+    assert all(re.match(r"\d{4}-\d\d-\d\d |project\.yaml: |jr-add-job: ", line) for line in lines)
+    assert job_count(workdir) == 0
+
+
+ACTION_PROJECT = """\
+version: "5"
+actions:
+  a:
+    run: {run} --flag
+    outputs:
+      moderately_sensitive:
+        table: output/table.csv
+"""
+
+
+def make_action_repo(path):
+    """A reusable action's repo: action.yaml on main, tagged v1."""
+    files = {"action.yaml": "run: python:v1 action.py\n", "action.py": "print('hello')\n"}
+    repo, sha = make_study(path, project=None, files=files)
+    git(repo, "tag", "v1")
+    return repo
+
+
+def test_a_reusable_action_under_actions_base_url_is_fetched_and_planned(tmp_path):
+    make_action_repo(tmp_path / "other" / "act")
+    repo, _ = make_study(tmp_path / "study", ACTION_PROJECT.format(run="act:v1"))
+    workdir = tmp_path / "workdir"
+    base = (tmp_path / "other").as_uri()
+    result = run("jr-add-job", str(repo), workdir=workdir, ACTIONS_BASE_URL=base)
+    assert result.returncode == 0, result.stderr
+    conn = db.connect(workdir / "db.sqlite")
+    row = conn.execute("SELECT run_command, action_repo_url FROM job").fetchone()
+    assert tuple(row) == ("python:v1 action.py --flag", f"{base}/act")
+    assert (workdir / "repos" / "act.git").is_dir()
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["submit", "dry-run"])
+def test_a_reusable_action_outside_actions_base_url_is_refused_and_nothing_is_fetched(
+    tmp_path, dry_run
+):
+    # ACTIONS_BASE_URL/../other/act is a real action repo: git would fetch it without the check
+    (tmp_path / "actions").mkdir()
+    make_action_repo(tmp_path / "other" / "act")
+    repo, _ = make_study(tmp_path / "study", ACTION_PROJECT.format(run="../other/act:v1"))
+    workdir = tmp_path / "workdir"
+    base = (tmp_path / "actions").as_uri()
+    result = run("jr-add-job", *dry_run, str(repo), workdir=workdir, ACTIONS_BASE_URL=base)
+    assert result.returncode == 1 and result.stdout == ""
+    assert (
+        f"project.yaml: action 'a': `run` uses image `../other/act`, which is not a valid name:"
+        f" {IMAGE_NAME_RULE} (line 4)"
+    ) in result.stderr.splitlines()
+    fetches = [line for line in result.stderr.splitlines() if "Fetching commit" in line]
+    assert len(fetches) == 1 and fetches[0].endswith(f"from {repo} (depth 1)")
+    assert job_count(workdir) == 0
+    assert sorted(p.name for p in (workdir / "repos").glob("*.git")) == ["study.git"]

@@ -22,7 +22,7 @@ from jobrunner_lib.models import ERROR_ACTION, Msg, State, StatusCode, transitio
 from jobrunner_lib.sync import WIRE_KEYS, SyncResult, post_requests, sync_pass
 from tests.support.factories import make_job, make_request
 from tests.support.fake_jobserver import FakeJobServer
-from tests.support.studies import commit_files, make_study
+from tests.support.studies import SIMPLE_PROJECT, commit_files, make_study
 
 TOKEN = "secret-token"  # the fake website's token
 BAD_REPO = "https://example.com/not/github"  # becomes an __error__ job without any network
@@ -240,6 +240,20 @@ def test_an_invalid_project_yaml_reaches_the_website_as_a_failed_error_job(backe
     )
     assert "broken" in job["status_message"]
     assert job["completed_at"] is not None
+
+
+def test_an_unsafe_action_name_reaches_the_website_as_an_error_job_saying_why(backend, study):
+    repo, _ = study
+    sha = commit_files(repo, SIMPLE_PROJECT.replace("  report:", '  "../report":'))
+    rid = backend.request(repo, sha)
+    assert backend.sync().jobs_created == 1
+    (job,) = backend.server.jobs_for(rid).values()
+    assert (job["action"], job["status"]) == (ERROR_ACTION, "failed")
+    assert job["status_message"] == (
+        "ProjectValidationError: Invalid project: project.yaml\n"
+        "project.yaml: action '../report': Action names may not contain / or \\ (the name"
+        " becomes a file name, metadata/<action>.log); rename the action (line 14)"
+    )
 
 
 def test_a_malformed_request_is_skipped_and_logged_and_the_others_are_handled(backend, caplog):

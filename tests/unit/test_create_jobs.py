@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from jobrunner_lib import db, db_queries
+from jobrunner_lib import db, db_queries, git_repos
 from jobrunner_lib.config import load_config
-from jobrunner_lib.create_jobs import JobRequestError, handle_request, validate_request
+from jobrunner_lib.create_jobs import (
+    JobRequestError,
+    ReusableActionError,
+    handle_request,
+    resolve_reusable_action,
+    validate_request,
+)
 from jobrunner_lib.models import State, StatusCode
+from jobrunner_lib.pipeline_names import IMAGE_NAME_RULE
+from jobrunner_lib.pipeline_rules import one_line
 from tests.support.factories import make_request
 from tests.support.studies import SIMPLE_PROJECT, commit_files, make_study
 
@@ -122,6 +130,16 @@ def test_unknown_action_becomes_one_failed_error_job(setup):
     assert job.completed_at == job.created_at
 
 
+def test_an_unknown_action_name_from_the_website_is_shown_escaped(setup):
+    config, conn, repo, sha = setup
+    forged = "nope\n2026-11-28 11:20:19.328Z sync Created 3 new jobs req=forged"
+    (job,) = handle_request(config, conn, request(repo, sha, [forged])).jobs
+    assert job.status_message == (
+        "UnknownActionError: Action 'nope\\n2026-11-28 11:20:19.328Z sync Created 3 new jobs"
+        " req=forged' not found in project.yaml"
+    )
+
+
 def test_invalid_project_yaml_reports_every_problem(setup, tmp_path):
     config, conn, repo, _ = setup
     sha = commit_files(
@@ -211,3 +229,26 @@ def test_database_must_be_configured_on_a_real_backend(setup, tmp_path):
     req.database_name = "full"
     with pytest.raises(JobRequestError, match="Database name 'full' is not currently defined"):
         validate_request(prod, req)
+
+
+@pytest.mark.parametrize(
+    "image",
+    ["../other/act", "other/act", "/abs/act", "https://evil.example/act", "a..b", "..", "-x",
+     "", "x" * 101, "act\n", "act?x=1"],
+)  # fmt: skip
+def test_a_reusable_action_name_that_is_not_plain_is_refused_before_any_git_call(
+    tmp_path, monkeypatch, image
+):
+    config = load_config(environ={"WORKDIR": str(tmp_path / "w")}, env_file=tmp_path / "none")
+
+    def no_git(*args, **kwargs):
+        raise AssertionError("git must not be asked about this repository")
+
+    for name in ("tag_commit", "ensure_commit", "commit_reachable_from", "read_file"):
+        monkeypatch.setattr(git_repos, name, no_git)
+    with pytest.raises(ReusableActionError) as info:
+        resolve_reusable_action(config, "km\nx", image, "v1", [])
+    shown = one_line(image, 60)  # escaped and cut short
+    assert str(info.value) == (
+        f"in 'km\\nx: {shown}:v1': `{shown}` is not a valid reusable action name: {IMAGE_NAME_RULE}"
+    )

@@ -14,11 +14,11 @@ from jobrunner_lib.outputs import (
     PRIVACY_LEVELS,
     claim_outputs,
     declared_high,
-    neighbours,
     glob_to_regex,
     is_safe_relative_path,
     match_outputs,
     medium_privacy_files,
+    neighbours,
     obsolete_outputs,
     unmatched_files,
 )

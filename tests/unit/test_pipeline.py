@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import textwrap
 from typing import Any
@@ -21,6 +22,8 @@ from jobrunner_lib.pipeline import (
     validate_output_path,
 )
 from jobrunner_lib.pipeline_commands import split_command
+from jobrunner_lib.pipeline_names import IMAGE_NAME_RULE, action_name_problem, image_name_problem
+from jobrunner_lib.pipeline_rules import one_line
 
 DROP = object()  # marks a key to leave out of an action
 
@@ -486,7 +489,7 @@ def test_from_v5_run_all_is_refused() -> None:
 # --- §4 actions -----------------------------------------------------------------------------------
 
 
-def test_action_ids_have_no_naming_rules_and_keep_file_order() -> None:
+def test_real_world_action_names_are_accepted_and_keep_file_order() -> None:
     names = ["z-last", "a.b", "1st", "dé", "_x"]
     pipeline = load_pipeline(project(*((n, act(f"n{i}")) for i, n in enumerate(names))))
     assert pipeline.all_actions() == names
@@ -581,7 +584,7 @@ def test_run_is_split_into_image_tag_and_shell_style_arguments() -> None:
     assert action.actions["a"].args == ("a.R", "--x", "b c", 'd"e')
 
 
-def test_any_image_name_is_accepted_as_a_reusable_action() -> None:
+def test_an_unknown_plain_image_name_is_accepted_as_a_reusable_action() -> None:
     text = project(("km", act("km", run="kaplan-meier-function:v0.0.3 --df output/a.csv")))
     assert load_pipeline(text).actions["km"].image == "kaplan-meier-function"
 
@@ -918,6 +921,140 @@ def test_every_separate_cycle_is_reported() -> None:
         "needs form a cycle: a -> b -> a (line 3)",
         "needs form a cycle: c -> d -> c (line 17)",
     ]
+
+
+# --- jr's own naming rules (pipeline_names): safe in log lines, file names and URLs ------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["z-last", "a.b", "1st", "dé", "_x", "generate_dataset_2019-20", "km.v2_final", "αβγ", "名前",
+     "a b", ".hidden", "run_all_2", "con-1", "conx", "com10", "nul_x", "lpt", "x" * 100, "名" * 66,
+     "it's", "a(1)", "a,b", "a=b", "#1", "a$b", "a&b"]
+)  # fmt: skip
+def test_action_names_that_are_safe_everywhere_are_accepted(name: str) -> None:
+    assert action_name_problem(name) is None
+    assert load_pipeline(project((name, act("a")))).all_actions() == [name]
+
+
+@pytest.mark.parametrize("key", ["2017", "1.5", "true", "null", "0x1F"])
+def test_non_string_action_keys_are_checked_by_their_text_and_still_accepted(key: str) -> None:
+    text = f"version: 5\nactions:\n  {key}:\n    run: python:v2 a.py\n"
+    text += "    outputs: {highly_sensitive: {x: a.csv}}\n"
+    assert len(load_pipeline(text).actions) == 1
+
+
+REFUSED_NAMES = [
+    ("", "may not be empty"),
+    ("a\nb", "may not contain control characters or line breaks (found U+000A)"),
+    ("a\rb", "may not contain control characters or line breaks (found U+000D)"),
+    ("a\tb", "may not contain control characters or line breaks (found U+0009)"),
+    ("\x00a", "may not contain control characters or line breaks (found U+0000)"),
+    ("a\x1b[31m", "may not contain control characters or line breaks (found U+001B)"),
+    ("a\x7f", "may not contain control characters or line breaks (found U+007F)"),
+    ("a\x85b", "may not contain control characters or line breaks (found U+0085)"),
+    ("a\x9b", "may not contain control characters or line breaks (found U+009B)"),
+    ("a\u2028b", "may not contain control characters or line breaks (found U+2028)"),
+    ("a\u2029b", "may not contain control characters or line breaks (found U+2029)"),
+    ("a\ud800", "may not contain control characters or line breaks (found U+D800)"),
+    ("x" * 101, "may be at most 100 characters long (this one has 101)"),
+    ("x" * 300, "may be at most 100 characters long (this one has 300)"),
+    ("名" * 67, "may be at most 200 bytes long in UTF-8 (this one has 67 characters, 201 bytes)"),
+    ("a/b", "may not contain / or \\ (the name becomes a file name, metadata/<action>.log)"),
+    ("/abs", "may not contain / or \\ (the name becomes a file name, metadata/<action>.log)"),
+    ("../up", "may not contain / or \\ (the name becomes a file name, metadata/<action>.log)"),
+    ("a\\b", "may not contain / or \\ (the name becomes a file name, metadata/<action>.log)"),
+    ("c:\\x", "may not contain / or \\ (the name becomes a file name, metadata/<action>.log)"),
+    ("..", "may not contain '..'"),
+    ("a..b", "may not contain '..'"),
+    ("..a", "may not contain '..'"),
+    (" a", "may not start or end with a space or other whitespace"),
+    ("a ", "may not start or end with a space or other whitespace"),
+    ("\u3000a", "may not start or end with a space or other whitespace"),
+    ("a\u00a0", "may not start or end with a space or other whitespace"),
+    ("a.", "may not end with a dot"),
+    (".", "may not end with a dot"),
+    *((f"a{c}b", f"may not contain {c} (Windows does not allow < > : \" | ? * in file names)")
+      for c in '<>:"|?*'),
+    ("a:b*", "may not contain : * (Windows does not allow < > : \" | ? * in file names)"),
+    *((device, "may not be Windows device names (CON, PRN, AUX, NUL, COM1-9, LPT1-9), with or"
+               " without an extension")
+      for device in ["CON", "con", "Prn", "aux", "NUL", "nul.x", "nul.tar.gz", "nul .txt",
+                     "COM1", "com9", "LPT1", "lpt9.log", "COM\u00b9", "conin$", "CONOUT$"]),
+]  # fmt: skip
+
+
+def with_action_named(name: str) -> str:
+    """A valid project whose second action (at line 6) has this name, written as YAML escapes."""
+    key = json.dumps(name)  # \uXXXX escapes: YAML would fold a raw U+0085 into a space
+    return dedent(f"""
+        version: 5
+        actions:
+          first:
+            run: python:v2 first.py
+            outputs: {{highly_sensitive: {{x: first.csv}}}}
+          {key}:
+            run: python:v2 a.py
+            outputs: {{highly_sensitive: {{x: a.csv}}}}
+    """)
+
+
+@pytest.mark.parametrize(
+    ("name", "gist"), REFUSED_NAMES, ids=[ascii(n)[:30] for n, _ in REFUSED_NAMES]
+)
+def test_unsafe_action_names_are_refused_naming_the_action_and_line(name: str, gist: str) -> None:
+    message = f"Action names {gist}; rename the action"
+    assert action_name_problem(name) == message
+    shown = one_line(name, 100)
+    found = errors(with_action_named(name))
+    assert found == [f"project.yaml: action '{shown}': {message} (line 6)"]
+    # shown escaped: one line, no control character, and printable to a UTF-8 stream
+    assert found[0].splitlines() == found and found[0].encode("utf-8")
+    assert not any(0x7F <= ord(c) <= 0x9F or ord(c) < 0x20 for c in found[0])
+
+
+def test_a_refused_name_is_reported_after_the_official_problems_of_the_file() -> None:
+    text = project(("a/b", act("a", run="python a.py")))
+    found = errors(text)
+    assert len(found) == 2
+    assert "must have a version specified" in found[0] and "may not contain /" in found[1]
+
+
+def test_each_action_with_an_unsafe_name_is_reported() -> None:
+    text = project(("a\nb", act("a")), ("ok", act("ok")), ("c..d", act("c")))
+    assert [line.split(": Action names")[0] for line in errors(text)] == [
+        "project.yaml: action 'a\\nb'",
+        "project.yaml: action 'c..d'",
+    ]
+
+
+@pytest.mark.parametrize(
+    "image",
+    ["python", "r", "ehrql", "stata-mp", "cohortextractor-v2", "kaplan-meier-function", "cox-ipw",
+     "A.b_c-1", "3rd", "x" * 100],
+)  # fmt: skip
+def test_plain_image_names_are_accepted(image: str) -> None:
+    assert image_name_problem(image) is None
+    text = project(
+        ("a", act("a", run=f"{image}:v1 x")), version=3, expectations={"population_size": 1}
+    )
+    assert load_pipeline(text).actions["a"].image == image
+
+
+@pytest.mark.parametrize(
+    "image",
+    ["../other/act", "other/act", "/abs/act", "act/..", "a..b", "..", "-x", ".x", "_x", "",
+     "x" * 101, "a@b", "a b", "act\n", "ａct", "act%2F..", "~act"],
+)  # fmt: skip
+def test_an_image_that_is_not_a_plain_name_is_refused_naming_the_action_and_line(
+    image: str,
+) -> None:
+    text = project(("a", act("a", run=f"{shlex.quote(image + ':v1')} x.py")))
+    assert errors(text) == [
+        f"project.yaml: action 'a': `run` uses image `{one_line(image, 60)}`, which is not a"
+        f" valid name: {IMAGE_NAME_RULE} (line 4)"
+    ]
+    assert image_name_problem(image) == IMAGE_NAME_RULE
 
 
 # --- collecting, ordering and formatting problems -------------------------------------------------
