@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from . import cleanup as cleanup_debt
-from . import db_queries, docker, logs, stats
+from . import db_queries, docker, logs, stats, workspaces
 from .config import Config
 from .docker import BrokenContainerError, DiskFull, DockerUnavailable, JobError
 from .errors import ConflictError
@@ -134,6 +134,8 @@ class Driver:
                         raise JobError(f"Action names {named}; rename the action")
                     # Recorded before anything is copied: finalize must know every input, even
                     # if the needed action runs again before this job ends.
+                    # Its declarations are the workspace's newest now, whatever happens next.
+                    workspaces.purge_declared_high(self.config, self.conn, job)
                     inputs = input_files(self.config, self.conn, job)
                     self.save(lambda j, i=inputs: j.copy(input_files=i))
                     self.executor.prepare(self.job)

@@ -181,11 +181,6 @@ def _candidates(job: Job, files: list[tarstream.VolumeFile]) -> tuple[list[str],
     return candidates, unsafe
 
 
-def _neighbours(executor: LocalDockerExecutor, job: Job) -> outputs.Workspace:
-    produced, declared = db_queries.workspace_outputs(executor.conn, job.workspace, job.id)
-    return outputs.neighbours(job.action, produced, declared)
-
-
 def _inputs(executor: LocalDockerExecutor, job: Job) -> dict[str, str]:
     """The inputs copied into the job's volume, as recorded before the copy (path -> action).
 
@@ -231,7 +226,11 @@ def finalize_job(executor: LocalDockerExecutor, job: Job, outcome: Outcome) -> J
         candidates, unsafe = _candidates(job, files)
         inputs = _inputs(executor, job)
         claim = outputs.claim_outputs(
-            job.action, job.output_spec, candidates, inputs, _neighbours(executor, job)
+            job.action,
+            job.output_spec,
+            candidates,
+            inputs,
+            workspaces.neighbours(executor.conn, job),
         )
         # Where each output goes, found before copying: a clash with what the workspace holds
         # fails the job (and skips that file) instead of surfacing half-way through the copies.
@@ -264,7 +263,7 @@ def finalize_job(executor: LocalDockerExecutor, job: Job, outcome: Outcome) -> J
             job = outcome.current()  # killed meanwhile: nothing is placed
             # Claimed again against the workspace as it is now: another action's job may have
             # finished meanwhile. Only what was staged can be placed.
-            ws = _neighbours(executor, job)
+            ws = workspaces.neighbours(executor.conn, job)
             kept = [p for p in candidates if p in staged or p not in claim.outputs]
             claim = outputs.claim_outputs(job.action, job.output_spec, kept, inputs, ws)
             for path in [p for p in claim.outputs if p not in staged]:
@@ -356,7 +355,7 @@ def write_job_logs(high_privacy_base: Path, job: Job, metadata: dict[str, Any]) 
             out.write(trailer(metadata).encode())
         if kept.cut:
             log.info(
-                f"Job log cut to its last {kept.kept_bytes} of {kept.total_bytes} bytes "
+                f"Job log cut to its last {kept.kept_bytes} of at least {kept.total_bytes} bytes "
                 f"(JOB_LOG_LIMIT={limit})",
                 extra={"job": job},
             )

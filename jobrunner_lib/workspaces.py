@@ -21,11 +21,12 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import extract, outputs
+from . import db_queries, extract, outputs
 from .config import Config
 from .docker import JobError
 from .models import Job, StatusCode
@@ -183,6 +184,21 @@ def place_outputs(
         elif delete(medium, path):
             # Now declared more sensitive than before: its old medium-privacy copy must go.
             log.info(f"Deleting medium privacy copy of {path}", extra={"job": job})
+
+
+def neighbours(conn: sqlite3.Connection, job: Job) -> outputs.Workspace:
+    """The rest of the job's workspace as the store has it now (outputs.neighbours)."""
+    produced, declared = db_queries.workspace_outputs(conn, job.workspace, job.id)
+    return outputs.neighbours(job.action, produced, declared)
+
+
+def purge_declared_high(config: Config, conn: sqlite3.Connection, job: Job) -> None:
+    """At a job's start: its declarations are the workspace's newest, so medium copies of what it
+    declares highly_sensitive go now, not only when (and if) it reaches finalize."""
+    if not (job.output_spec.get(outputs.HIGH)) or not medium(config, job.workspace).is_dir():
+        return
+    with locked(config, job.workspace):
+        purge_medium(job, medium(config, job.workspace), {}, neighbours(conn, job))
 
 
 def purge_medium(job: Job, medium: Path, claimed: dict[str, str], ws: outputs.Workspace) -> None:

@@ -393,3 +393,31 @@ def test_jr_kill_in_the_middle_of_a_big_copy_leaves_no_partial_file(config, conn
         log = root / "metadata" / "big.log"
         # Never "Completed successfully" for a job the store says was killed.
         assert not log.exists() or "Completed successfully" not in log.read_text()
+
+
+# ---- 5. names from an older store cannot forge logs or escape metadata/ ----------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["tables\n2026-01-01 00:00:00.000Z run  Completed successfully id=aaaabbbbccccdddd", "../../x", "a" * 300],
+)  # fmt: skip
+def test_a_stored_job_with_an_unsafe_action_name_fails_clearly_and_forges_no_log_line(
+    config, jobs, caplog, name
+):
+    from jobrunner_lib.logs import JrFormatter
+
+    with caplog.at_level("INFO"):
+        done = run_job(config, jobs, name, "tables.sh", {MODERATE: {"t": "output/*.csv"}})
+    assert (done.state, done.status_code) == (State.FAILED, StatusCode.JOB_ERROR)
+    assert done.status_message.startswith("JobError: Action names ")
+    assert done.status_message.endswith("; rename the action")
+    formatter = JrFormatter("run")
+    lines = [line for r in caplog.records for line in formatter.format(r).splitlines()]
+    assert not any(line.startswith("2026-01-01") for line in lines)
+    assert all(
+        f"id={done.id}" in formatter.format(r) for r in caplog.records if getattr(r, "job", None)
+    )
+    assert not (config.high_privacy_storage_base / "x.log").exists()
+    for root in workspaces(config):
+        assert not (root / "metadata").exists()
