@@ -33,8 +33,9 @@ from pathlib import Path
 from benchlib import report
 from workloads import HELPER_IMAGE, Labels, check_images, docker, note
 
-from jobrunner_lib import docker as jr_docker
-from jobrunner_lib import docker_files, extract, tarstream
+from jobrunner_lib.docker import engine as jr_docker
+from jobrunner_lib.docker import extract, tarstream
+from jobrunner_lib.docker import files as docker_files
 
 
 def old_copy_file_out(container: str, path: str, dest: Path) -> int:

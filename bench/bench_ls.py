@@ -12,9 +12,10 @@ from pathlib import Path
 
 from benchlib import ROOT, report, run_cmd, timed, tool_env
 
-from jobrunner_lib import db, db_queries
-from jobrunner_lib.ids import job_id, new_request_id
-from jobrunner_lib.models import JobRequest, State, StatusCode, new_job
+from jobrunner_lib.core.ids import job_id, new_request_id
+from jobrunner_lib.core.models import JobRequest, State, StatusCode, new_job
+from jobrunner_lib.store import db
+from jobrunner_lib.store import queries as db_queries
 
 
 def fill(path: Path, jobs: int) -> str:

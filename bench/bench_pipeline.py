@@ -9,7 +9,7 @@ from __future__ import annotations
 import yaml
 from benchlib import report, timed
 
-from jobrunner_lib.pipeline import load_pipeline
+from jobrunner_lib.pipeline.project import load_pipeline
 
 
 def generate(actions: int = 2000) -> str:

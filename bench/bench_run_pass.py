@@ -16,10 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobrunner_lib import db, db_queries  # noqa: E402
-from jobrunner_lib.config import Config  # noqa: E402
-from jobrunner_lib.models import Job, Msg, State, StatusCode  # noqa: E402
-from jobrunner_lib.run import run_pass  # noqa: E402
+from jobrunner_lib.core.config import Config  # noqa: E402
+from jobrunner_lib.core.models import Job, Msg, State, StatusCode  # noqa: E402
+from jobrunner_lib.jobs.run import run_pass  # noqa: E402
+from jobrunner_lib.store import db  # noqa: E402
+from jobrunner_lib.store import queries as db_queries
 
 
 def build(path: Path, finished: int, running: int, now: float) -> None:

@@ -30,7 +30,7 @@ import bench_ls
 import bench_run_pass
 from benchlib import ROOT, report, run_cmd, timed
 
-from jobrunner_lib.processes import _process_info
+from jobrunner_lib.jobs.processes import _process_info
 from tests.support.cli import tool_env
 
 PY = sys.executable

@@ -16,13 +16,14 @@ from pathlib import Path
 
 from benchlib import ROOT, report, run_cmd, timed, tool_env
 
-from jobrunner_lib import db, db_queries
-from jobrunner_lib.config import Config, load_config
-from jobrunner_lib.ids import job_id, new_request_id
-from jobrunner_lib.jobserver import JobServerClient
-from jobrunner_lib.jobserver_wire import job_to_wire
-from jobrunner_lib.models import JobRequest, State, StatusCode, new_job
-from jobrunner_lib.sync import WIRE_KEYS, sync_pass
+from jobrunner_lib.core.config import Config, load_config
+from jobrunner_lib.core.ids import job_id, new_request_id
+from jobrunner_lib.core.models import JobRequest, State, StatusCode, new_job
+from jobrunner_lib.jobs.sync import WIRE_KEYS, sync_pass
+from jobrunner_lib.store import db
+from jobrunner_lib.store import queries as db_queries
+from jobrunner_lib.website.client import JobServerClient
+from jobrunner_lib.website.wire import job_to_wire
 from tests.support.fake_jobserver import FakeJobServer
 
 REQUESTS, JOBS_PER_REQUEST, HISTORY = 100, 10, 100_000

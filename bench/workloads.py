@@ -42,10 +42,11 @@ from typing import Any
 
 from benchlib import ROOT, report
 
-from jobrunner_lib import db, db_queries
-from jobrunner_lib.config import load_config
-from jobrunner_lib.ids import job_id, new_request_id
-from jobrunner_lib.models import JobRequest, Msg, State, StatusCode, new_job
+from jobrunner_lib.core.config import load_config
+from jobrunner_lib.core.ids import job_id, new_request_id
+from jobrunner_lib.core.models import JobRequest, Msg, State, StatusCode, new_job
+from jobrunner_lib.store import db
+from jobrunner_lib.store import queries as db_queries
 from tests.support.cli import tool_env
 from tests.support.studies import make_study
 
@@ -87,7 +88,7 @@ class Labels:
         self.value = f"org.jr.bench={uuid.uuid4().hex}"
 
     def remove_objects(self) -> None:
-        from jobrunner_lib import docker as jr_docker
+        from jobrunner_lib.docker import engine as jr_docker
 
         client = jr_docker.client()
         for container in client.containers.list(all=True, filters={"label": self.value}):
@@ -296,7 +297,7 @@ def floor_host_volume_job(labels: Labels, runs: int) -> list[float]:
     started and waited for, inspected, its log read, the output read on the host, the container
     removed and the directory deleted: `docker run --rm`'s work plus a few file operations.
     """
-    from jobrunner_lib import docker as jr_docker
+    from jobrunner_lib.docker import engine as jr_docker
 
     api = jr_docker.client().api
     key, _, value = labels.value.partition("=")
@@ -332,7 +333,7 @@ def floor_volume_job(labels: Labels, runs: int) -> list[float]:
     import io
     import tarfile
 
-    from jobrunner_lib import docker as jr_docker
+    from jobrunner_lib.docker import engine as jr_docker
 
     api = jr_docker.client().api
     key, _, value = labels.value.partition("=")

@@ -9,17 +9,19 @@ import re
 import time
 from pathlib import Path
 
-from .. import git, git_repos
-from ..create_jobs import (
+from jobrunner_lib.core.errors import OperationFailed, TemporaryFailure, UsageError
+from jobrunner_lib.core.ids import new_request_id
+from jobrunner_lib.core.models import RUN_ALL, JobRequest
+from jobrunner_lib.git import repos as git_repos
+from jobrunner_lib.git import runner as git
+from jobrunner_lib.jobs.create import (
     JobRequestError,
     RetryLater,
     plan_jobs,
     record_jobs,
 )
-from ..errors import OperationFailed, TemporaryFailure, UsageError
-from ..ids import new_request_id
-from ..models import RUN_ALL, JobRequest
-from ..pipeline import ProjectValidationError
+from jobrunner_lib.pipeline.project import ProjectValidationError
+
 from .common import Context, Tool, run_tool
 from .formats import iso
 

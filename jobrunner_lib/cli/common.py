@@ -18,9 +18,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from .. import __version__, db, ids, logs
-from ..config import Config, load_config
-from ..errors import (
+from jobrunner_lib import __version__
+from jobrunner_lib.core import ids, logs
+from jobrunner_lib.core.config import Config, load_config
+from jobrunner_lib.core.errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -30,7 +31,9 @@ from ..errors import (
     TemporaryFailure,
     UsageError,
 )
-from ..models import Job
+from jobrunner_lib.core.models import Job
+from jobrunner_lib.store import db
+
 from .formats import FORMATS, human_age, is_terminal, iso, write_rows
 
 log = logging.getLogger(__name__)

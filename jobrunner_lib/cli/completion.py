@@ -118,8 +118,8 @@ complete -F _jr_complete {" ".join(names)}
 
 def print_ids(fragment: str, out=sys.stdout) -> int:
     """Print `id<TAB>action` for jobs matching the fragment (never fails loudly: completion must not)."""
-    from .. import db
-    from ..config import load_config
+    from jobrunner_lib.core.config import load_config
+    from jobrunner_lib.store import db
 
     try:
         config = load_config()

@@ -12,9 +12,9 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from .. import models
-from ..errors import UsageError
-from ..models import Job
+from jobrunner_lib.core import models
+from jobrunner_lib.core.errors import UsageError
+from jobrunner_lib.core.models import Job
 
 FORMATS = ("table", "tsv", "jsonl", "ids")
 

@@ -7,9 +7,11 @@ import logging
 import sqlite3
 from typing import Any
 
-from .. import db_queries, service
-from ..errors import ConflictError, OperationFailed, TemporaryFailure, UsageError
-from ..models import Job, Msg, State, StatusCode, transition
+from jobrunner_lib.core.errors import ConflictError, OperationFailed, TemporaryFailure, UsageError
+from jobrunner_lib.core.models import Job, Msg, State, StatusCode, transition
+from jobrunner_lib.ops import objects as service
+from jobrunner_lib.store import queries as db_queries
+
 from .common import Context, Tool, run_tool
 from .formats import RESULT_COLUMNS, result_row
 
@@ -51,7 +53,7 @@ def keep_log(ctx: Context, job: Job, info: dict[str, Any], was: Job) -> str:
     staged is removed, and an action log the worker may have written for this job is rewritten
     to say what the store says (workspaces.rewrite_action_logs).
     """
-    from .. import finalize, workspaces
+    from jobrunner_lib.jobs import finalize, workspaces
 
     assert ctx.config is not None
     metadata = finalize.job_metadata(
@@ -96,7 +98,7 @@ Does not contact the jobs website: the next jr-sync reports the new state. Safe 
     def run(self, ctx: Context) -> int:
         from docker.errors import DockerException
 
-        from .. import docker
+        from jobrunner_lib.docker import engine as docker
 
         args = ctx.args
         jobs = ctx.resolve_jobs(args.ids)
@@ -155,8 +157,8 @@ Does not contact the jobs website: the next jr-sync reports the new state. Safe 
 
     def unfinished(self, ctx: Context, job: Job) -> bool:
         """An earlier kill was interrupted: worker or container still running, or no log kept."""
-        from .. import docker
-        from ..processes import worker_alive
+        from jobrunner_lib.docker import engine as docker
+        from jobrunner_lib.jobs.processes import worker_alive
 
         if job.worker_pid and worker_alive(job.worker_pid, job.worker_started_at):
             return True
@@ -174,7 +176,7 @@ Does not contact the jobs website: the next jr-sync reports the new state. Safe 
 
     def kill(self, ctx: Context, job: Job, who: str, hung: dict[str, str]) -> tuple[Job, list[str]]:
         """Change the row, then stop the worker, then the container; keep the log; clean up."""
-        from .. import docker
+        from jobrunner_lib.docker import engine as docker
 
         before, was = job.state, job
         job, killed = fail_job(ctx.conn, job, who)
@@ -215,7 +217,7 @@ Does not contact the jobs website: the next jr-sync reports the new state. Safe 
 
     def log_exists(self, ctx: Context, job: Job) -> bool:
         """Whether the killed job's logs.txt was already written (by an earlier jr-kill)."""
-        from ..finalize import log_dir
+        from jobrunner_lib.jobs.finalize import log_dir
 
         assert ctx.config is not None
         base = ctx.config.high_privacy_storage_base

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from .. import db_queries
-from ..errors import UsageError
-from ..models import State, StatusCode
+from jobrunner_lib.core.errors import UsageError
+from jobrunner_lib.core.models import State, StatusCode
+from jobrunner_lib.store import queries as db_queries
+
 from .common import Context, Tool, run_tool
 from .formats import human_age, iso, parse_since
 

@@ -18,10 +18,14 @@ import threading
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from .. import db_queries, docker, ids, volumes
-from ..config import Config
-from ..errors import AmbiguousError, OperationFailed, UsageError
-from ..models import Job
+from jobrunner_lib.core import ids
+from jobrunner_lib.core.config import Config
+from jobrunner_lib.core.errors import AmbiguousError, OperationFailed, UsageError
+from jobrunner_lib.core.models import Job
+from jobrunner_lib.docker import engine as docker
+from jobrunner_lib.docker import volumes
+from jobrunner_lib.store import queries as db_queries
+
 from .common import Context, Tool, run_tool
 from .formats import is_terminal
 from .watch_logs import binary

@@ -12,9 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import db_queries, service, volumes
-from ..errors import UsageError
-from ..models import Job, StatusCode
+from jobrunner_lib.core.errors import UsageError
+from jobrunner_lib.core.models import Job, StatusCode
+from jobrunner_lib.docker import volumes
+from jobrunner_lib.ops import objects as service
+from jobrunner_lib.store import queries as db_queries
+
 from .common import Context, Tool, run_tool
 from .formats import parse_since
 
@@ -143,7 +146,7 @@ def docker_usage() -> dict[str, Any] | None:
     """Docker's own disk usage (`docker system df`), or None if it cannot be had."""
     from docker.errors import DockerException
 
-    from .. import docker
+    from jobrunner_lib.docker import engine as docker
 
     try:
         return docker.client().api.df()
@@ -195,7 +198,7 @@ Prints what it removed, the space Docker reports reclaimed and the size of the f
         )
 
     def run(self, ctx: Context) -> int:
-        from .. import docker
+        from jobrunner_lib.docker import engine as docker
 
         args, config = ctx.args, ctx.config
         assert config is not None
@@ -261,7 +264,7 @@ Prints what it removed, the space Docker reports reclaimed and the size of the f
         self, ctx: Context, hung: dict[str, str], cutoff: float | None, df: Mapping[str, Any] | None
     ) -> tuple[list[Item], list[str]]:
         """Everything that may go, in removal order (containers before volumes), and warnings."""
-        from .. import docker
+        from jobrunner_lib.docker import engine as docker
 
         config = ctx.config
         assert config is not None
@@ -332,7 +335,7 @@ Prints what it removed, the space Docker reports reclaimed and the size of the f
     @staticmethod
     def images(config: Any, df: Mapping[str, Any] | None) -> list[Item]:
         """Untagged images of the configured registry's allowed repositories no container uses."""
-        from .. import docker
+        from jobrunner_lib.docker import engine as docker
 
         api = docker.client().api
         repos = {repository(config.image_name(name)) for name in config.allowed_images}
@@ -354,7 +357,7 @@ Prints what it removed, the space Docker reports reclaimed and the size of the f
     @staticmethod
     def remove(ctx: Context, item: Item) -> None:
         """Remove one item."""
-        from .. import docker
+        from jobrunner_lib.docker import engine as docker
 
         if item.kind in ("container", "helper"):
             docker.remove_container(item.ref)

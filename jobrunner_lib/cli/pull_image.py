@@ -14,9 +14,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .. import db_queries, docker
-from ..config import Config
-from ..errors import ConfigError, OperationFailed, TemporaryFailure, UsageError
+from jobrunner_lib.core.config import Config
+from jobrunner_lib.core.errors import ConfigError, OperationFailed, TemporaryFailure, UsageError
+from jobrunner_lib.docker import engine as docker
+from jobrunner_lib.store import queries as db_queries
+
 from .common import Context, Tool, run_tool
 
 NAME_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$")

@@ -11,9 +11,11 @@ import argparse
 import logging
 import time
 
-from .. import db_queries, service
-from ..errors import ConflictError, TemporaryFailure, UsageError
-from ..models import Job, Msg, State, StatusCode, transition
+from jobrunner_lib.core.errors import ConflictError, TemporaryFailure, UsageError
+from jobrunner_lib.core.models import Job, Msg, State, StatusCode, transition
+from jobrunner_lib.ops import objects as service
+from jobrunner_lib.store import queries as db_queries
+
 from .common import Context, Tool, run_tool
 from .formats import RESULT_COLUMNS, iso, result_row
 
@@ -106,7 +108,7 @@ Neither needs --yes: both are undone by the other."""
     def stop_running(self, ctx: Context) -> int:
         from docker.errors import DockerException
 
-        from .. import docker
+        from jobrunner_lib.docker import engine as docker
 
         config = ctx.config
         assert config is not None
@@ -172,7 +174,8 @@ Neither needs --yes: both are undone by the other."""
     @staticmethod
     def pending_leftovers(ctx: Context, active: list[Job]) -> list[Job]:
         """Pending jobs that still have Docker objects (e.g. an earlier run of this tool failed)."""
-        from .. import docker, volumes
+        from jobrunner_lib.docker import engine as docker
+        from jobrunner_lib.docker import volumes
 
         assert ctx.config is not None
         pending = {j.id: j for j in active if j.state is State.PENDING}

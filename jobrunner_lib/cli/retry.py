@@ -7,10 +7,12 @@ import logging
 import sqlite3
 from collections.abc import Callable
 
-from .. import db_queries, service
-from ..config import Config
-from ..errors import ConflictError, UsageError
-from ..models import Job, Msg, State, StatusCode, transition
+from jobrunner_lib.core.config import Config
+from jobrunner_lib.core.errors import ConflictError, UsageError
+from jobrunner_lib.core.models import Job, Msg, State, StatusCode, transition
+from jobrunner_lib.ops import objects as service
+from jobrunner_lib.store import queries as db_queries
+
 from .common import Context, Tool, run_tool
 from .formats import RESULT_COLUMNS, result_row
 
@@ -34,7 +36,8 @@ def refusal(job: Job) -> str | None:
 
 def resumable(config: Config, job_id: str) -> bool:
     """Whether the job's container and volume are both still there to pick up from."""
-    from .. import docker, volumes
+    from jobrunner_lib.docker import engine as docker
+    from jobrunner_lib.docker import volumes
 
     return docker.inspect_container(docker.container_name(job_id)) is not None and volumes.exists(
         config, job_id
@@ -154,7 +157,7 @@ website: the next jr-sync reports the jobs."""
     def run(self, ctx: Context) -> int:
         from docker.errors import DockerException
 
-        from .. import docker
+        from jobrunner_lib.docker import engine as docker
 
         jobs = ctx.resolve_jobs(ctx.args.ids)
         if not jobs:

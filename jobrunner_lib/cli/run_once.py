@@ -8,11 +8,12 @@ import re
 import signal
 import sqlite3
 
-from ..config import Config
-from ..errors import TemporaryFailure
-from ..logs import one_line
-from ..outage import keep_reserve, release_reserve, store_full, store_unusable
-from ..run import run_pass
+from jobrunner_lib.core.config import Config
+from jobrunner_lib.core.errors import TemporaryFailure
+from jobrunner_lib.core.logs import one_line
+from jobrunner_lib.jobs.outage import keep_reserve, release_reserve, store_full, store_unusable
+from jobrunner_lib.jobs.run import run_pass
+
 from .common import Context, Tool, run_tool
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ COLUMNS = ["id", "action", "workspace", "from", "to", "status_code", "message"]
 
 def check_docker(config: Config) -> None:
     """Raise TemporaryFailure (exit 75) unless the Docker engine answers."""
-    from .. import docker as jr_docker
+    from jobrunner_lib.docker import engine as jr_docker
 
     unreachable: tuple[type[BaseException], ...] = (jr_docker.DockerUnavailable, OSError)
     try:

@@ -8,10 +8,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ..config import Config
-from ..errors import ConfigError, OperationFailed, TemporaryFailure
-from ..jobserver import JobServerBadResponse, JobServerClient, JobServerError, JobServerUnavailable
-from ..sync import SyncResult, display_endpoint, sync_pass
+from jobrunner_lib.core.config import Config
+from jobrunner_lib.core.errors import ConfigError, OperationFailed, TemporaryFailure
+from jobrunner_lib.jobs.sync import SyncResult, display_endpoint, sync_pass
+from jobrunner_lib.website.client import (
+    JobServerBadResponse,
+    JobServerClient,
+    JobServerError,
+    JobServerUnavailable,
+)
+
 from .common import Context, Tool, run_tool
 
 log = logging.getLogger(__name__)

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .. import db_queries, docker
-from ..config import Config
-from ..errors import OperationFailed, UsageError
-from ..models import Job, State
+from jobrunner_lib.core.config import Config
+from jobrunner_lib.core.errors import OperationFailed, UsageError
+from jobrunner_lib.core.models import Job, State
+from jobrunner_lib.docker import engine as docker
+from jobrunner_lib.store import queries as db_queries
+
 from .common import Context, Tool, run_tool
 from .formats import human_age, parse_since
 
@@ -42,7 +44,7 @@ class Source:
 
 def saved_log(config: Config, job: Job) -> Path | None:
     """The job's saved logs.txt: in its completion month's directory, else wherever a glob finds it."""
-    from ..finalize import log_dir  # lazily: only finished jobs need it
+    from jobrunner_lib.jobs.finalize import log_dir  # lazily: only finished jobs need it
 
     base = config.high_privacy_storage_base
     if job.completed_at:
@@ -75,7 +77,7 @@ def select_lines(data: bytes, *, timestamps: bool, tail: int | None, since: int 
     """Apply -t, --tail and --since to a saved log (whose container lines all carry timestamps)."""
     lines = data.splitlines(keepends=True)
     if since is not None:
-        from ..finalize import iso
+        from jobrunner_lib.jobs.finalize import iso
 
         # Same form as the log's times to the second, so the bytes compare in time order.
         cutoff = (iso(since) or "").encode()[:19]

@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from jobrunner_lib import db
-from jobrunner_lib.pipeline_names import IMAGE_NAME_RULE
-from jobrunner_lib.pipeline_rules import one_line
+from jobrunner_lib.pipeline.names import IMAGE_NAME_RULE
+from jobrunner_lib.pipeline.rules import one_line
+from jobrunner_lib.store import db
 from tests.support.cli import run
 from tests.support.studies import SIMPLE_PROJECT, commit_files, git, make_study
 

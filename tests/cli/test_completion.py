@@ -6,8 +6,9 @@ import subprocess
 
 import pytest
 
-from jobrunner_lib import db, db_queries
 from jobrunner_lib.cli import completion
+from jobrunner_lib.store import db
+from jobrunner_lib.store import queries as db_queries
 from tests.support.cli import ROOT, tool_env
 from tests.support.factories import make_job, make_request
 
@@ -64,7 +65,7 @@ def test_choices_complete_after_their_flag(env):
 
 
 def test_a_unique_fragment_completes_to_the_full_job_id(env):
-    from jobrunner_lib.ids import job_id
+    from jobrunner_lib.core.ids import job_id
 
     full = job_id("aaaaqqqqzzzz2222", "extract")
     assert complete(["jr-ls", full[4:8]], env) == [full]

@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from jobrunner_lib import db, db_queries
-from jobrunner_lib.models import State, StatusCode
+from jobrunner_lib.core.models import State, StatusCode
+from jobrunner_lib.store import db
+from jobrunner_lib.store import queries as db_queries
 from tests.support.cli import run, tool_env
 from tests.support.factories import make_job, make_request
 

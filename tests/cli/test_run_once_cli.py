@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from jobrunner_lib import db, db_queries
-from jobrunner_lib.models import Job, State
+from jobrunner_lib.core.models import Job, State
+from jobrunner_lib.store import db
+from jobrunner_lib.store import queries as db_queries
 from tests.support.cli import run
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobrunner_lib import db
+from jobrunner_lib.store import db
 from tests.support.factories import Jobs
 
 

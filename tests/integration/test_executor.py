@@ -21,11 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import db, db_queries, docker, docker_files, tarstream, volumes
-from jobrunner_lib.config import CHECKOUT_DIR, Config, load_config
-from jobrunner_lib.executor import ExecutorState, LocalDockerExecutor
-from jobrunner_lib.models import Job, Msg, State, StatusCode, transition
-from jobrunner_lib.worker import drive_job
+from jobrunner_lib.core.config import CHECKOUT_DIR, Config, load_config
+from jobrunner_lib.core.models import Job, Msg, State, StatusCode, transition
+from jobrunner_lib.docker import engine as docker
+from jobrunner_lib.docker import files as docker_files
+from jobrunner_lib.docker import tarstream, volumes
+from jobrunner_lib.jobs.executor import ExecutorState, LocalDockerExecutor
+from jobrunner_lib.jobs.worker import drive_job
+from jobrunner_lib.store import db
+from jobrunner_lib.store import queries as db_queries
 from tests.support.factories import Jobs
 
 pytestmark = pytest.mark.docker
@@ -575,7 +579,7 @@ def test_worker_process_runs_a_job_to_success(config, jobs, tmp_path):
     )
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "jobrunner_lib.worker", job.id],
+        [sys.executable, "-m", "jobrunner_lib.jobs.worker", job.id],
         env=env,
         capture_output=True,
         text=True,
@@ -613,7 +617,7 @@ def test_worker_exits_75_and_leaves_the_job_when_docker_is_unreachable(config, j
         DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock",
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "jobrunner_lib.worker", job.id],
+        [sys.executable, "-m", "jobrunner_lib.jobs.worker", job.id],
         env=env,
         capture_output=True,
         text=True,

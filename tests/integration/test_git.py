@@ -1,4 +1,4 @@
-"""git.py and git_repos.py against real git and real repos made here, with both process runners."""
+"""runner.py and repos.py against real git and real repos made here, with both process runners."""
 
 import base64
 import http.server
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import git, git_repos
+from jobrunner_lib.git import repos as git_repos
+from jobrunner_lib.git import runner as git
 
 TOKEN = "tok-SECRET-0123456789abcdef"
 MISSING_SHA = "0123456789abcdef0123456789abcdef01234567"

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import docker, docker_files, volumes
-from jobrunner_lib.config import Config
-from jobrunner_lib.executor import LocalDockerExecutor
-from jobrunner_lib.models import State, StatusCode
-from jobrunner_lib.worker import drive_job
+from jobrunner_lib.core.config import Config
+from jobrunner_lib.core.models import State, StatusCode
+from jobrunner_lib.docker import engine as docker
+from jobrunner_lib.docker import files as docker_files
+from jobrunner_lib.docker import volumes
+from jobrunner_lib.jobs.executor import LocalDockerExecutor
+from jobrunner_lib.jobs.worker import drive_job
 from tests.integration.test_executor import (
     DOCKER_ONLY,
     SCRIPTS,

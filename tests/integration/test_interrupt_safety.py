@@ -288,8 +288,10 @@ def test_a_worker_killed_during_its_cleanup_leaves_no_docker_objects_once_passes
 # as if SIGKILLed there (a service or a worker's pass can be).
 PASS_KILLED_AFTER_SPAWN = """\
 import os
-from jobrunner_lib import db, processes, run
-from jobrunner_lib.config import load_config
+from jobrunner_lib.store import db
+from jobrunner_lib.jobs import processes
+from jobrunner_lib.jobs import run
+from jobrunner_lib.core.config import load_config
 
 def spawn(config, job_id):
     processes.spawn_worker(config, job_id)

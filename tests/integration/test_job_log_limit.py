@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import joblog
-from jobrunner_lib.config import Config, LogLimit
-from jobrunner_lib.models import State
-from jobrunner_lib.worker import drive_job
+from jobrunner_lib.core import joblog
+from jobrunner_lib.core.config import Config, LogLimit
+from jobrunner_lib.core.models import State
+from jobrunner_lib.jobs.worker import drive_job
 from tests.integration.test_executor import (
     STORAGES,
     git,

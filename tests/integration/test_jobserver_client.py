@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from jobrunner_lib.jobserver import (
+from jobrunner_lib.website.client import (
     JobServerAuthError,
     JobServerBadResponse,
     JobServerClient,

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import db, db_queries, docker
 from jobrunner_lib.cli.watch_logs import select_lines
-from jobrunner_lib.config import load_config
-from jobrunner_lib.models import Job, State, StatusCode
-from jobrunner_lib.processes import reap_children, worker_alive
-from jobrunner_lib.run import run_pass
+from jobrunner_lib.core.config import load_config
+from jobrunner_lib.core.models import Job, State, StatusCode
+from jobrunner_lib.docker import engine as docker
+from jobrunner_lib.jobs.processes import reap_children, worker_alive
+from jobrunner_lib.jobs.run import run_pass
+from jobrunner_lib.store import db
+from jobrunner_lib.store import queries as db_queries
 from tests.support.cli import BIN, run, tool_env
 from tests.support.e2e import wait_for
 from tests.support.factories import insert_job, make_job, make_request

@@ -20,11 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import db, db_queries, docker, processes, run, volumes
 from jobrunner_lib.cli.formats import read_tsv
-from jobrunner_lib.config import CHECKOUT_DIR, Config, load_config
-from jobrunner_lib.ids import job_id, new_request_id
-from jobrunner_lib.models import Job, Msg, State, StatusCode, new_job, transition
+from jobrunner_lib.core.config import CHECKOUT_DIR, Config, load_config
+from jobrunner_lib.core.ids import job_id, new_request_id
+from jobrunner_lib.core.models import Job, Msg, State, StatusCode, new_job, transition
+from jobrunner_lib.docker import engine as docker
+from jobrunner_lib.docker import volumes
+from jobrunner_lib.jobs import processes, run
+from jobrunner_lib.store import db
+from jobrunner_lib.store import queries as db_queries
 from tests.support import cli
 from tests.support.factories import make_request
 from tests.support.studies import make_study

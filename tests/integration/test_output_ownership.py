@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import db_queries
-from jobrunner_lib.config import Config
-from jobrunner_lib.faults import PAUSE_POINTS
-from jobrunner_lib.models import Job, State, StatusCode
-from jobrunner_lib.worker import drive_job
+from jobrunner_lib.core.config import Config
+from jobrunner_lib.core.faults import PAUSE_POINTS
+from jobrunner_lib.core.models import Job, State, StatusCode
+from jobrunner_lib.jobs.worker import drive_job
+from jobrunner_lib.store import queries as db_queries
 from tests.integration.test_executor import (
     STORAGES,
     git,
@@ -285,7 +285,7 @@ def worker(config: Config, job: Job, tmp_path: Path, point: str) -> tuple[subpro
         JR_PAUSE_FILE=str(pause_file),
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jobrunner_lib.worker", job.id],
+        [sys.executable, "-m", "jobrunner_lib.jobs.worker", job.id],
         env=env,
         cwd=str(ROOT),
         stdout=subprocess.DEVNULL,
@@ -361,7 +361,7 @@ def test_jr_kill_in_the_middle_of_a_big_copy_leaves_no_partial_file(config, conn
     job = jobs.add("big", "python:v1 analysis/big.sh 1000", spec)
     env = tool_env(config.workdir, VOLUME_STORAGE=config.volume_storage, COPY_STALL_TIMEOUT="20")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jobrunner_lib.worker", job.id],
+        [sys.executable, "-m", "jobrunner_lib.jobs.worker", job.id],
         env=env,
         cwd=str(ROOT),
         stdout=subprocess.DEVNULL,
@@ -405,7 +405,7 @@ def test_jr_kill_in_the_middle_of_a_big_copy_leaves_no_partial_file(config, conn
 def test_a_stored_job_with_an_unsafe_action_name_fails_clearly_and_forges_no_log_line(
     config, jobs, caplog, name
 ):
-    from jobrunner_lib.logs import JrFormatter
+    from jobrunner_lib.core.logs import JrFormatter
 
     with caplog.at_level("INFO"):
         done = run_job(config, jobs, name, "tables.sh", {MODERATE: {"t": "output/*.csv"}})

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import docker
+from jobrunner_lib.docker import engine as docker
 from tests.integration.test_look_tools import Backend
 from tests.integration.test_pull_image import free_port
 from tests.support.cli import BIN, ROOT

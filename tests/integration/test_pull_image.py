@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import docker
+from jobrunner_lib.docker import engine as docker
 from tests.integration.test_look_tools import Backend
 from tests.support.cli import ROOT, run
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib.config import LOCAL_BACKEND
+from jobrunner_lib.core.config import LOCAL_BACKEND
 from tests.support.e2e import ContainerCounter, Rig, read_json, rig_at, tree, wait_for
 from tests.support.studies import make_study
 
@@ -298,7 +298,7 @@ def test_outputs_are_routed_by_privacy_level_and_highly_sensitive_never_reaches_
 @pytest.fixture
 def secret_image(rig) -> Iterator[tuple[str, str]]:
     """A runtime image with a secret in its environment, in a registry only this test uses."""
-    from jobrunner_lib import docker
+    from jobrunner_lib.docker import engine as docker
 
     registry = f"jr-e2e-{rig.label[:12]}"
     secret = f"s3cret-{rig.label}"

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import db, db_queries
-from jobrunner_lib import sync as sync_module
-from jobrunner_lib.config import Config, load_config
-from jobrunner_lib.create_jobs import RetryLater
-from jobrunner_lib.jobserver import JobServerClient, JobServerUnavailable
-from jobrunner_lib.jobserver_wire import job_to_wire
-from jobrunner_lib.models import ERROR_ACTION, Msg, State, StatusCode, transition
-from jobrunner_lib.sync import WIRE_KEYS, SyncResult, post_requests, sync_pass
+from jobrunner_lib.core.config import Config, load_config
+from jobrunner_lib.core.models import ERROR_ACTION, Msg, State, StatusCode, transition
+from jobrunner_lib.jobs import sync as sync_module
+from jobrunner_lib.jobs.create import RetryLater
+from jobrunner_lib.jobs.sync import WIRE_KEYS, SyncResult, post_requests, sync_pass
+from jobrunner_lib.store import db
+from jobrunner_lib.store import queries as db_queries
+from jobrunner_lib.website.client import JobServerClient, JobServerUnavailable
+from jobrunner_lib.website.wire import job_to_wire
 from tests.support.factories import make_job, make_request
 from tests.support.fake_jobserver import FakeJobServer
 from tests.support.studies import SIMPLE_PROJECT, commit_files, make_study

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import db, docker
-from jobrunner_lib.config import Config, load_config
+from jobrunner_lib.core.config import Config, load_config
+from jobrunner_lib.docker import engine as docker
+from jobrunner_lib.store import db
 from tests.support.studies import make_study
 
 SOAK = os.environ.get("JR_SOAK") == "1"

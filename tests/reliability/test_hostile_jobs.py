@@ -22,12 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import copyout, db, docker
-from jobrunner_lib.config import Config
-from jobrunner_lib.executor import LocalDockerExecutor
-from jobrunner_lib.models import Job, State, StatusCode
-from jobrunner_lib.tarstream import VolumeFile
-from jobrunner_lib.worker import drive_job
+from jobrunner_lib.core.config import Config
+from jobrunner_lib.core.models import Job, State, StatusCode
+from jobrunner_lib.docker import copyout
+from jobrunner_lib.docker import engine as docker
+from jobrunner_lib.docker.tarstream import VolumeFile
+from jobrunner_lib.jobs.executor import LocalDockerExecutor
+from jobrunner_lib.jobs.worker import drive_job
+from jobrunner_lib.store import db
 from tests.reliability.conftest import SOAK, make_config, study_with
 from tests.support.factories import Jobs
 

@@ -19,9 +19,9 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from jobrunner_lib.jobserver import JobServerBadResponse, JobServerClient
-from jobrunner_lib.jobserver_wire import parse_job_request
-from jobrunner_lib.pipeline import Pipeline, ProjectValidationError, load_pipeline
+from jobrunner_lib.pipeline.project import Pipeline, ProjectValidationError, load_pipeline
+from jobrunner_lib.website.client import JobServerBadResponse, JobServerClient
+from jobrunner_lib.website.wire import parse_job_request
 from tests.reliability.conftest import SOAK
 from tests.support.cli import run as run_tool
 from tests.support.fake_jobserver import FakeJobServer

@@ -21,9 +21,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobrunner_lib import db_queries
-from jobrunner_lib.outputs import HIGH, PRIVACY_LEVELS, glob_to_regex
-from jobrunner_lib.worker import drive_job
+from jobrunner_lib.core.outputs import HIGH, PRIVACY_LEVELS, glob_to_regex
+from jobrunner_lib.jobs.worker import drive_job
+from jobrunner_lib.store import queries as db_queries
 from tests.integration.test_executor import (
     STORAGES,
     labelled,  # noqa: F401 - an autouse fixture: labels and removes this module's objects

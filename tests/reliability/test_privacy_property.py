@@ -25,11 +25,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobrunner_lib import db, processes, run
-from jobrunner_lib.outputs import PRIVACY_LEVELS, match_outputs, medium_privacy_files
-from jobrunner_lib.pipeline import load_pipeline
-from jobrunner_lib.pipeline_rules import validate_output_path
-from jobrunner_lib.worker import drive_job
+from jobrunner_lib.core.outputs import PRIVACY_LEVELS, match_outputs, medium_privacy_files
+from jobrunner_lib.jobs import processes, run
+from jobrunner_lib.jobs.worker import drive_job
+from jobrunner_lib.pipeline.project import load_pipeline
+from jobrunner_lib.pipeline.rules import validate_output_path
+from jobrunner_lib.store import db
 from tests.reliability.conftest import SOAK, make_config, script
 from tests.support.cli import run as run_tool
 from tests.support.studies import commit_files, make_study

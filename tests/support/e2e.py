@@ -35,7 +35,7 @@ IMAGES = ("jr-busybox:latest", "jr-demo/python:v1", "jr-demo/r:v1", "jr-tools:la
 
 def require_docker() -> None:
     """Skip unless a Docker engine answers and the images scripts/build-images makes are present."""
-    from jobrunner_lib import docker
+    from jobrunner_lib.docker import engine as docker
 
     try:
         docker.ping()
@@ -216,7 +216,7 @@ class Rig:
                 continue
             try:
                 argv = (entry / "cmdline").read_bytes().split(b"\0")
-                if b"jobrunner_lib.worker" not in argv:
+                if b"jobrunner_lib.jobs.worker" not in argv:
                     continue
                 if mine not in (entry / "environ").read_bytes().split(b"\0"):
                     continue
@@ -225,7 +225,7 @@ class Rig:
                 continue  # gone meanwhile
             if state in ("Z", "X"):
                 continue
-            after = argv[argv.index(b"jobrunner_lib.worker") + 1 :]
+            after = argv[argv.index(b"jobrunner_lib.jobs.worker") + 1 :]
             found[int(entry.name)] = after[0].decode() if after else ""
         # A worker goes on to drive the next job itself: the store says which one it has now.
         if found and self.db_path.exists():
@@ -277,7 +277,7 @@ class Rig:
         return {"label": labels}
 
     def containers(self, *, running: bool = False) -> list[dict[str, Any]]:
-        from jobrunner_lib import docker
+        from jobrunner_lib.docker import engine as docker
 
         filters = self.label_filter()
         if running:
@@ -291,7 +291,7 @@ class Rig:
 
     def volumes(self) -> list[dict[str, Any]]:
         """Our Docker volumes, and our host-stored volumes (as {"Name", "Labels", "Path"})."""
-        from jobrunner_lib import docker
+        from jobrunner_lib.docker import engine as docker
 
         found = docker.client().api.volumes(filters=self.label_filter()).get("Volumes") or []
         prefix = docker.volume_name("")
@@ -302,7 +302,7 @@ class Rig:
 
     def cleanup(self) -> None:
         """Stop our services and workers; remove our containers and volumes; nothing else."""
-        from jobrunner_lib import docker
+        from jobrunner_lib.docker import engine as docker
 
         for proc in self._services:
             self.kill_group(proc)
@@ -375,7 +375,7 @@ class StartEvents:
     """Records every `start` of one of this rig's job containers, from Docker's event stream."""
 
     def __init__(self, rig: Rig):
-        from jobrunner_lib import docker
+        from jobrunner_lib.docker import engine as docker
 
         filters = {**rig.label_filter(), "type": ["container"], "event": ["start"]}
         self._stream = docker.client().api.events(decode=True, filters=filters)

@@ -6,8 +6,17 @@ import itertools
 import shlex
 from pathlib import Path
 
-from jobrunner_lib.ids import job_id, new_request_id
-from jobrunner_lib.models import Job, JobRequest, Msg, State, StatusCode, new_job, now, transition
+from jobrunner_lib.core.ids import job_id, new_request_id
+from jobrunner_lib.core.models import (
+    Job,
+    JobRequest,
+    Msg,
+    State,
+    StatusCode,
+    new_job,
+    now,
+    transition,
+)
 
 _clock = itertools.count(1_700_000_000)
 
@@ -49,7 +58,7 @@ def make_job(request: JobRequest, action: str, state: State = State.PENDING, **k
 
 def insert_job(conn, state: State, code: StatusCode, message: str, action: str = "extract") -> Job:
     """One job of a new request, in that state, written to the store behind conn."""
-    from jobrunner_lib import db_queries
+    from jobrunner_lib.store import queries as db_queries
 
     request = make_request()
     job = make_job(request, action, state, code=code, message=message)
@@ -74,7 +83,7 @@ class Jobs:
         **fields,
     ) -> Job:
         """A claimed job running `command` (a string, or image and arguments to quote)."""
-        from jobrunner_lib import db_queries
+        from jobrunner_lib.store import queries as db_queries
 
         if not isinstance(command, str):
             command = shlex.join(command)

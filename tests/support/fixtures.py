@@ -49,7 +49,7 @@ def workdir(tmp_path, monkeypatch: pytest.MonkeyPatch):
 
 def remove_labelled(label: str) -> None:
     """Remove every container and volume carrying `key=value` (only this test's own objects)."""
-    from jobrunner_lib import docker as jr_docker
+    from jobrunner_lib.docker import engine as jr_docker
 
     client = jr_docker.client()
     for container in client.containers.list(all=True, filters={"label": label}):

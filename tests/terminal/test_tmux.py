@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import db, db_queries, docker
-from jobrunner_lib.models import State, StatusCode
+from jobrunner_lib.core.models import State, StatusCode
+from jobrunner_lib.docker import engine as docker
+from jobrunner_lib.store import db
+from jobrunner_lib.store import queries as db_queries
 from tests.integration.test_look_tools import Backend, ambiguous_jobs
 from tests.support.cli import BIN, ROOT, tool_env
 from tests.support.factories import insert_job

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from jobrunner_lib import db, db_queries, git_repos
-from jobrunner_lib.config import load_config
-from jobrunner_lib.create_jobs import (
+from jobrunner_lib.core.config import load_config
+from jobrunner_lib.core.models import State, StatusCode
+from jobrunner_lib.git import repos as git_repos
+from jobrunner_lib.jobs.create import (
     JobRequestError,
     ReusableActionError,
     handle_request,
     resolve_reusable_action,
     validate_request,
 )
-from jobrunner_lib.models import State, StatusCode
-from jobrunner_lib.pipeline_names import IMAGE_NAME_RULE
-from jobrunner_lib.pipeline_rules import one_line
+from jobrunner_lib.pipeline.names import IMAGE_NAME_RULE
+from jobrunner_lib.pipeline.rules import one_line
+from jobrunner_lib.store import db
+from jobrunner_lib.store import queries as db_queries
 from tests.support.factories import make_request
 from tests.support.studies import SIMPLE_PROJECT, commit_files, make_study
 

@@ -10,9 +10,10 @@ import sqlite3
 
 import pytest
 
-from jobrunner_lib import db, db_queries
-from jobrunner_lib.errors import ConflictError
-from jobrunner_lib.models import State, StatusCode, transition
+from jobrunner_lib.core.errors import ConflictError
+from jobrunner_lib.core.models import State, StatusCode, transition
+from jobrunner_lib.store import db
+from jobrunner_lib.store import queries as db_queries
 from tests.support.factories import make_job, make_request
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import docker
+from jobrunner_lib.docker import engine as docker
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="needs Unix sockets")
 

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobrunner_lib import git, git_repos
+from jobrunner_lib.git import repos as git_repos
+from jobrunner_lib.git import runner as git
 
 PROXY = "github-proxy.opensafely.org"
 

@@ -10,8 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobrunner_lib import db, db_queries, ids
-from jobrunner_lib.errors import AmbiguousError, NoMatchError, UsageError
+from jobrunner_lib.core import ids
+from jobrunner_lib.core.errors import AmbiguousError, NoMatchError, UsageError
+from jobrunner_lib.store import db
+from jobrunner_lib.store import queries as db_queries
 from tests.support.factories import make_job, make_request
 
 

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobrunner_lib import joblog
-from jobrunner_lib.config import DEFAULT_JOB_LOG_LIMIT, LogLimit
-from jobrunner_lib.joblog import write_capped
+from jobrunner_lib.core import joblog
+from jobrunner_lib.core.config import DEFAULT_JOB_LOG_LIMIT, LogLimit
+from jobrunner_lib.core.joblog import write_capped
 
 NOTE = re.compile(
     rb"\[jr: the job's log had at least (\d+) bytes \((\d+) lines?\); only the last (\d+) bytes "

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobrunner_lib.jobserver import JobServerClient
-from jobrunner_lib.jobserver_wire import group_contiguously, job_to_wire, parse_job_request
+from jobrunner_lib.website.client import JobServerClient
+from jobrunner_lib.website.wire import group_contiguously, job_to_wire, parse_job_request
 
 WINDOW_REQUEST = {
     "identifier": "k3v7q2m4x6z8b2c4",
@@ -92,7 +92,7 @@ def test_parse_coerces_integer_identifier_to_str_and_defaults_optional_fields():
 
 
 def test_parsed_request_builds_the_models_job_request():
-    from jobrunner_lib.models import JobRequest
+    from jobrunner_lib.core.models import JobRequest
 
     job_request = JobRequest(**parse_job_request(today_request()))
     assert job_request.workspace == "covid-vax-main"
@@ -192,7 +192,7 @@ def test_job_to_wire_truncates_fractional_seconds_and_accepts_enum_state():
 
 
 def test_job_to_wire_uses_the_models_state_enum_value():
-    from jobrunner_lib.models import State
+    from jobrunner_lib.core.models import State
 
     assert job_to_wire(_job(state=State.SUCCEEDED))["status"] == "succeeded"
 
@@ -287,7 +287,7 @@ def test_client_adds_the_missing_trailing_slash_to_the_endpoint():
 
 
 def test_importing_the_module_does_not_import_requests():
-    code = "import sys, jobrunner_lib.jobserver; print('requests' in sys.modules, 'urllib3' in sys.modules)"
+    code = "import sys, jobrunner_lib.website.client; print('requests' in sys.modules, 'urllib3' in sys.modules)"
     root = Path(__file__).resolve().parents[2]
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobrunner_lib.logs import JrFormatter, job_tags, tag_value
-from jobrunner_lib.models import StatusCode
+from jobrunner_lib.core.logs import JrFormatter, job_tags, tag_value
+from jobrunner_lib.core.models import StatusCode
 from tests.support.factories import make_job, make_request
 
 TAG = re.compile(r"(status|project|action|id|req)=\S*")

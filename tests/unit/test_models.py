@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from jobrunner_lib.errors import IllegalTransition
-from jobrunner_lib.models import (
+from jobrunner_lib.core.errors import IllegalTransition
+from jobrunner_lib.core.models import (
     ALLOWED,
     Job,
     JobRequest,

@@ -1,4 +1,4 @@
-"""Pure parts of the operator tools (jr-kill, jr-retry, jr-reboot-prep, jr-prune) and service.py."""
+"""Pure parts of the operator tools (jr-kill, jr-retry, jr-reboot-prep, jr-prune) and ops/objects.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import service
 from jobrunner_lib.cli.kill import kill_message
 from jobrunner_lib.cli.prune import (
     container_kind,
@@ -22,9 +21,10 @@ from jobrunner_lib.cli.prune import (
     usage_total,
 )
 from jobrunner_lib.cli.retry import refusal
-from jobrunner_lib.config import Config
-from jobrunner_lib.errors import UsageError
-from jobrunner_lib.models import Msg, State, StatusCode, transition
+from jobrunner_lib.core.config import Config
+from jobrunner_lib.core.errors import UsageError
+from jobrunner_lib.core.models import Msg, State, StatusCode, transition
+from jobrunner_lib.ops import objects as service
 from tests.support.factories import make_job, make_request
 
 NOW = 1_800_000_000

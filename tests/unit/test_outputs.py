@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobrunner_lib import pipeline_rules
-from jobrunner_lib.outputs import (
+from jobrunner_lib.core.outputs import (
     PRIVACY_LEVELS,
     claim_outputs,
     declared_high,
@@ -22,6 +21,7 @@ from jobrunner_lib.outputs import (
     obsolete_outputs,
     unmatched_files,
 )
+from jobrunner_lib.pipeline import rules as pipeline_rules
 
 HIGH, MODERATE, MINIMAL = PRIVACY_LEVELS
 segment = st.text(alphabet="ab.+()$^{}|-_ *", min_size=1, max_size=8)

@@ -12,8 +12,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobrunner_lib import pipeline_yaml
-from jobrunner_lib.pipeline import (
+from jobrunner_lib.pipeline import document as pipeline_yaml
+from jobrunner_lib.pipeline.commands import split_command
+from jobrunner_lib.pipeline.names import IMAGE_NAME_RULE, action_name_problem, image_name_problem
+from jobrunner_lib.pipeline.project import (
     Pipeline,
     ProjectValidationError,
     find_cycle,
@@ -21,9 +23,7 @@ from jobrunner_lib.pipeline import (
     topological_order,
     validate_output_path,
 )
-from jobrunner_lib.pipeline_commands import split_command
-from jobrunner_lib.pipeline_names import IMAGE_NAME_RULE, action_name_problem, image_name_problem
-from jobrunner_lib.pipeline_rules import one_line
+from jobrunner_lib.pipeline.rules import one_line
 
 DROP = object()  # marks a key to leave out of an action
 

@@ -16,10 +16,12 @@ from typing import Any
 
 import pytest
 
-from jobrunner_lib import db, db_queries, processes
-from jobrunner_lib.config import CHECKOUT_DIR, Config
-from jobrunner_lib.models import Job, Msg, State, StatusCode
-from jobrunner_lib.run import WORKER_DIED, Change, after_job, run_lock, run_pass
+from jobrunner_lib.core.config import CHECKOUT_DIR, Config
+from jobrunner_lib.core.models import Job, Msg, State, StatusCode
+from jobrunner_lib.jobs import processes
+from jobrunner_lib.jobs.run import WORKER_DIED, Change, after_job, run_lock, run_pass
+from jobrunner_lib.store import db
+from jobrunner_lib.store import queries as db_queries
 
 
 class Workers:
@@ -582,7 +584,7 @@ def test_spawn_worker_starts_a_detached_logged_process(
         log_file = tmp_path / "logs" / "workers.log"
         wait_for(lambda: "path:" in log_file.read_text())
         text = log_file.read_text()
-        assert "args: -m jobrunner_lib.worker abcd1234abcd1234" in text
+        assert "args: -m jobrunner_lib.jobs.worker abcd1234abcd1234" in text
         assert f"path: {CHECKOUT_DIR}{os.pathsep}" in text
     finally:
         processes.kill_worker(pid, started)

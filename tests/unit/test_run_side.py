@@ -12,17 +12,19 @@ import time
 
 import pytest
 
-from jobrunner_lib import docker, extract, stats, tarstream
-from jobrunner_lib.config import load_config
-from jobrunner_lib.executor import (
+from jobrunner_lib.core.config import load_config
+from jobrunner_lib.core.models import Job, State, StatusCode
+from jobrunner_lib.docker import engine as docker
+from jobrunner_lib.docker import extract, tarstream
+from jobrunner_lib.jobs import stats
+from jobrunner_lib.jobs.executor import (
     job_environment,
     job_network,
     job_user_ids,
     parse_run_command,
     remove_stale_temps,
 )
-from jobrunner_lib.finalize import REDACTED, decide, redact_environment, trailer
-from jobrunner_lib.models import Job, State, StatusCode
+from jobrunner_lib.jobs.finalize import REDACTED, decide, redact_environment, trailer
 
 
 def config(**env: str):

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobrunner_lib import extract, tarstream
+from jobrunner_lib.docker import extract, tarstream
 
 LONG = "long-" + "n" * 150 + ".csv"  # too long for a ustar name field: PAX or GNU headers
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib import tarstream, volumes
-from jobrunner_lib.config import load_config
-from jobrunner_lib.errors import ConfigError
+from jobrunner_lib.core.config import load_config
+from jobrunner_lib.core.errors import ConfigError
+from jobrunner_lib.docker import tarstream, volumes
 
 NO_OWNER: volumes.Owner = (None, None)
 MTIME = 1_600_000_000
@@ -391,7 +391,7 @@ def test_auto_storage_is_host_on_linux_with_a_local_daemon_else_docker(tmp_path,
 
 
 def test_a_full_volumes_disk_is_named_as_such_only_with_host_storage(tmp_path):
-    from jobrunner_lib.outage import disk_name
+    from jobrunner_lib.jobs.outage import disk_name
 
     env = {"WORKDIR": str(tmp_path / "work"), "VOLUMES_DIR": str(tmp_path / "vols")}
     host = load_config(environ={**env, "VOLUME_STORAGE": "host"}, env_file=tmp_path / "no.env")

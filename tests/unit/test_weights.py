@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib.errors import ConfigError
-from jobrunner_lib.weights import load_weights, parse_weights
+from jobrunner_lib.core.errors import ConfigError
+from jobrunner_lib.core.weights import load_weights, parse_weights
 
 SAMPLE = """
 [covid-vax]

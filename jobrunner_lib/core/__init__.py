@@ -1,0 +1,3 @@
+"""The pure core: the job model and its state machine, errors, configuration, IDs, weights,
+output ownership and privacy, logging. Imports nothing else of jr.
+"""

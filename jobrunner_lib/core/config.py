@@ -1,0 +1,463 @@
+"""Configuration from the environment and `.env` (SPEC.md §1), validated once, as one frozen object.
+
+A real environment variable wins over `.env`. Every problem names the variable and the form it
+expects, and stops the tool with exit 78 (ConfigError).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jobrunner_lib.core.errors import ConfigError
+
+# The checkout: where `.env`, `job-resource-weights.ini` and the default workdir live.
+CHECKOUT_DIR = Path(__file__).resolve().parent.parent
+
+BACKEND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*[A-Za-z0-9]$")
+PLACEHOLDER_TOKENS = {"token", "changeme", "change-me", "placeholder", "xxx"}
+TRUTHY = {"true", "1", "yes", "on"}
+FALSY = {"false", "0", "no", "off", ""}
+DATABASE_NAMES = ("full", "slice", "dummy")
+VOLUME_STORAGES = ("auto", "host", "docker")
+# The backend used for local runs on dummy data; jr's embedded mode keys its defaults off it.
+LOCAL_BACKEND = "expectations"
+# Sizes as JOB_MEMORY_LIMIT takes them (`16G`, `512m`, `20MB`, `1.5GiB`, plain bytes): binary units.
+SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?")
+SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+LINES_RE = re.compile(r"(\d+)\s*lines?")
+
+PRODUCTION_IMAGES = (
+    "ehrql",
+    "databuilder",
+    "cohortextractor",
+    "cohortextractor-v2",
+    "python",
+    "r",
+    "stata-mp",
+    "jupyter",
+    "sqlrunner",
+)
+
+
+@dataclass(frozen=True)
+class LogLimit:
+    """How much of a job's log to keep (JOB_LOG_LIMIT): its last `count` bytes, or lines."""
+
+    count: int
+    lines: bool = False
+
+    def __str__(self) -> str:
+        """The setting as it would be written: `32M`, `1536K`, `1000`, `100000 lines`."""
+        if self.lines:
+            return f"{self.count} line{'' if self.count == 1 else 's'}"
+        for unit in ("T", "G", "M", "K"):
+            scale = SIZE_UNITS[unit.lower()]
+            if self.count >= scale and self.count % scale == 0:
+                return f"{self.count // scale}{unit}"
+        return str(self.count)
+
+
+DEFAULT_JOB_LOG_LIMIT = LogLimit(32 * 2**20)
+MIN_JOB_LOG_SIZE = 2**10
+
+
+def parse_size(text: str) -> int | None:
+    """Bytes from `16G`, `512m`, `20MB`, `1.5GiB` or `1024`; None if it is not a size."""
+    m = SIZE_RE.fullmatch(text.strip().lower())
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2)]) if m else None
+
+
+def parse_log_limit(text: str) -> LogLimit | None:
+    """A LogLimit from a size (`32M`) or a line count (`100000 lines`); None if it is neither."""
+    m = LINES_RE.fullmatch(text.strip().lower())
+    if m:
+        return LogLimit(int(m.group(1)), lines=True)
+    size = parse_size(text)
+    return None if size is None else LogLimit(size)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting jr reads, already parsed and checked."""
+
+    backend: str = LOCAL_BACKEND
+    using_dummy_data_backend: bool = True
+    job_server_endpoint: str | None = None
+    job_server_token: str | None = None
+    poll_interval: float = 5.0
+    sync_time_limit: float = 60.0
+    job_loop_interval: float = 1.0
+    workdir: Path = CHECKOUT_DIR / "workdir"
+    high_privacy_storage_base: Path = CHECKOUT_DIR / "workdir" / "high_privacy"
+    medium_privacy_storage_base: Path = CHECKOUT_DIR / "workdir" / "medium_privacy"
+    stats_database_file: Path | None = None
+    stats_poll_interval: float = 10.0
+    debug_log_file: Path | None = None
+    loglevel: str = "INFO"
+    private_repo_access_token: str | None = None
+    allowed_github_orgs: tuple[str, ...] = ("opensafely",)
+    allow_local_repos: bool = True
+    git_proxy_host: str | None = None
+    actions_base_url: str = "https://github.com/opensafely-actions"
+    max_workers: float = 1.0
+    job_resource_weights_file: Path = CHECKOUT_DIR / "job-resource-weights.ini"
+    docker_registry: str = "jr-demo"
+    allowed_images: tuple[str, ...] = ("python", "r")
+    helper_image: str = "jr-busybox:latest"
+    tools_image: str = "jr-tools:latest"
+    pull_registry: str | None = None
+    job_memory_limit: int | None = None
+    job_cpu_count: float | None = None
+    job_pids_limit: int = 1024
+    job_user: str | None = "1000:1000"
+    job_log_limit: LogLimit = DEFAULT_JOB_LOG_LIMIT
+    volume_storage: str = "docker"
+    volumes_path: Path | None = None
+    copy_stall_timeout: float = 120.0
+    worker_stall_timeout: float = 300.0
+    status_refresh_interval: float = 60.0
+    database_urls: Mapping[str, str] = field(default_factory=dict)
+    database_network: str | None = None
+    temp_database_name: str | None = None
+    emis_organisation_hash: str | None = None
+    presto_tls_cert: str | None = None
+    presto_tls_key: str | None = None
+    stata_license: str | None = None
+
+    @property
+    def db_path(self) -> Path:
+        """The main state store."""
+        return self.workdir / "db.sqlite"
+
+    @property
+    def repos_dir(self) -> Path:
+        """Bare study repositories, one per repo name."""
+        return self.workdir / "repos"
+
+    @property
+    def temp_dir(self) -> Path:
+        """Short-lived files; anything stale here is fair game for jr-prune."""
+        return self.workdir / "temp"
+
+    @property
+    def volumes_dir(self) -> Path:
+        """Where host-stored job volumes keep their files (VOLUME_STORAGE=host; see volumes.py)."""
+        return self.volumes_path or self.workdir / "volumes"
+
+    @property
+    def run_lock_path(self) -> Path:
+        """Held by whoever runs a pass of the run loop (one at a time)."""
+        return self.workdir / ".run.lock"
+
+    def job_lock_path(self, job_id: str) -> Path:
+        """Held by the worker driving that job (one at a time)."""
+        return self.workdir / "locks" / f"job-{job_id}.lock"
+
+    @property
+    def wake_path(self) -> Path:
+        """Touched when a job ends, so the service loop passes again at once instead of sleeping."""
+        return self.workdir / ".wake"
+
+    @property
+    def internal_log_file(self) -> Path:
+        """Where tracebacks of internal errors are written (the one-line error names it)."""
+        return self.workdir / "logs" / "internal-errors.log"
+
+    @property
+    def has_job_server(self) -> bool:
+        """True when a jobs website is configured (otherwise jr runs embedded)."""
+        return bool(self.job_server_endpoint)
+
+    def image_name(self, image: str) -> str:
+        """The full local name of a runtime image, e.g. `python:v2` -> `<registry>/python:v2`."""
+        return f"{self.docker_registry}/{image}" if self.docker_registry else image
+
+
+def to_windows_path(value: str) -> str:
+    """Rewrite a git-bash path (`/e/x/y`) or a mixed one (`e:/x`) into Windows form (`E:\\x\\y`)."""
+    value = value.strip()
+    m = re.match(r"^/([A-Za-z])(?:/(.*))?$", value)
+    if m:
+        value = f"{m.group(1).upper()}:/{m.group(2) or ''}"
+    elif re.match(r"^[A-Za-z]:", value):
+        value = value[0].upper() + value[1:]
+    value = value.replace("/", "\\")
+    return re.sub(r"\\{2,}", lambda _: "\\", value) if not value.startswith("\\\\") else value
+
+
+def normalise_path(value: str, *, base: Path | None = None) -> Path:
+    """Turn a configured path into an absolute Path (git-bash and Windows forms accepted on Windows)."""
+    value = value.strip()
+    if os.name == "nt":
+        value = to_windows_path(value)
+    path = Path(os.path.expanduser(value))
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    return path
+
+
+def read_env(
+    env_file: Path | None = None, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Merge `.env` (if any) under the real environment, which wins."""
+    merged: dict[str, str] = {}
+    environ = os.environ if environ is None else environ
+    if env_file is None:
+        explicit = environ.get("JR_ENV_FILE")
+        env_file = Path(explicit) if explicit else CHECKOUT_DIR / ".env"
+    if env_file.is_file():
+        from dotenv import dotenv_values  # lazily: python-dotenv is only needed when a file exists
+
+        merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    merged.update(environ)
+    return merged
+
+
+class _Reader:
+    """Typed access to raw settings, turning every bad value into a ConfigError."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self.env = env
+
+    def str(self, name: str, default: str | None = None) -> str | None:
+        value = self.env.get(name)
+        return default if value is None or value.strip() == "" else value.strip()
+
+    def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        raw = self.str(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(
+                f"{name}={raw!r} is not a number: expected e.g. {name}={default:g}"
+            ) from None
+        if value < minimum:
+            raise ConfigError(f"{name}={raw!r} is too small: expected a number >= {minimum:g}")
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self.env.get(name)
+        if raw is None:
+            return default
+        low = raw.strip().lower()
+        if low in TRUTHY:
+            return True
+        if low in FALSY:
+            return False
+        raise ConfigError(f"{name}={raw!r} is not a yes/no value: expected true or false")
+
+    def path(self, name: str, default: Path, base: Path) -> Path:
+        raw = self.str(name)
+        return default if raw is None else normalise_path(raw, base=base)
+
+    def size(self, name: str) -> int | None:
+        raw = self.str(name)
+        if raw is None:
+            return None
+        size = parse_size(raw)
+        if size is None:
+            raise ConfigError(f"{name}={raw!r} is not a size: expected e.g. {name}=16G or 512M")
+        return size
+
+    def log_limit(self, name: str, default: LogLimit) -> LogLimit:
+        raw = self.str(name)
+        if raw is None:
+            return default
+        limit = parse_log_limit(raw)
+        example = f"expected e.g. {name}=32M or {name}='100000 lines'"
+        if limit is None:
+            raise ConfigError(f"{name}={raw!r} is not a size or a line count: {example}")
+        if limit.count < (1 if limit.lines else MIN_JOB_LOG_SIZE):
+            least = "1 line" if limit.lines else str(LogLimit(MIN_JOB_LOG_SIZE))
+            raise ConfigError(f"{name}={raw!r} is too small: expected at least {least}, {example}")
+        return limit
+
+
+def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None = None) -> Config:
+    """Read and check every setting; raise ConfigError naming the first bad variable."""
+    env = read_env(env_file, environ)
+    r = _Reader(env)
+    backend = r.str("BACKEND", LOCAL_BACKEND)
+    if not BACKEND_RE.match(backend):
+        raise ConfigError(
+            f"BACKEND={backend!r} is invalid: expected letters, digits, '_' or '-' "
+            "(e.g. BACKEND=tpp)"
+        )
+    local = backend == LOCAL_BACKEND
+    dummy = r.flag("USING_DUMMY_DATA_BACKEND", local)
+
+    endpoint = r.str("JOB_SERVER_ENDPOINT")
+    token = env.get("JOB_SERVER_TOKEN")
+    if endpoint is not None:
+        if not re.match(r"^https?://[^/\s]+", endpoint):
+            raise ConfigError(
+                f"JOB_SERVER_ENDPOINT={endpoint!r} is not an http(s) URL: expected e.g. "
+                "JOB_SERVER_ENDPOINT=https://jobs.opensafely.org/api/v2/"
+            )
+        endpoint = endpoint.rstrip("/") + "/"
+        # An empty token makes the website hand out every backend's work (SPEC.md §4.7).
+        if token is None or token.strip() == "":
+            raise ConfigError(
+                "JOB_SERVER_TOKEN is empty: set it to this backend's token from the jobs website"
+            )
+        if token.strip().lower() in PLACEHOLDER_TOKENS:
+            raise ConfigError(
+                "JOB_SERVER_TOKEN is still the placeholder: set it to this backend's token "
+                "from the jobs website"
+            )
+        token = token.strip()
+    else:
+        token = None
+
+    workdir = (
+        r.path("WORKDIR", Path(), CHECKOUT_DIR)
+        if r.str("WORKDIR")
+        else (r.path("WORK_DIR", CHECKOUT_DIR / "workdir", CHECKOUT_DIR))
+    )
+    high = r.path("HIGH_PRIVACY_STORAGE_BASE", workdir / "high_privacy", CHECKOUT_DIR)
+    medium = r.path("MEDIUM_PRIVACY_STORAGE_BASE", workdir / "medium_privacy", CHECKOUT_DIR)
+    stats = r.str("STATS_DATABASE_FILE")
+    debug_log = r.str("DEBUG_LOG_FILE")
+
+    loglevel = (r.str("LOGLEVEL", "INFO") or "INFO").upper()
+    if loglevel not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        raise ConfigError(
+            f"LOGLEVEL={loglevel!r} is invalid: expected DEBUG, INFO, WARNING or ERROR"
+        )
+
+    orgs = tuple(
+        o.strip()
+        for o in (r.str("ALLOWED_GITHUB_ORGS", "opensafely") or "").split(",")
+        if o.strip()
+    )
+
+    cpu_default = max(1, (os.cpu_count() or 2) - 1)
+    database_urls = {
+        name: env[f"{name.upper()}_DATABASE_URL"]
+        for name in DATABASE_NAMES
+        if env.get(f"{name.upper()}_DATABASE_URL", "").strip()
+    }
+
+    cert_path, key_path = r.str("PRESTO_TLS_CERT_PATH"), r.str("PRESTO_TLS_KEY_PATH")
+    if bool(cert_path) != bool(key_path):
+        raise ConfigError(
+            "PRESTO_TLS_CERT_PATH and PRESTO_TLS_KEY_PATH must be set together (or neither)"
+        )
+    cert = key = None
+    if cert_path and key_path:
+        cert = _read_secret_file(
+            "PRESTO_TLS_CERT_PATH", normalise_path(cert_path, base=CHECKOUT_DIR)
+        )
+        key = _read_secret_file("PRESTO_TLS_KEY_PATH", normalise_path(key_path, base=CHECKOUT_DIR))
+
+    images_default = "python,r" if local else ",".join(PRODUCTION_IMAGES)
+    allowed_images = tuple(
+        i.strip() for i in (r.str("ALLOWED_IMAGES", images_default) or "").split(",") if i.strip()
+    )
+    if not allowed_images:
+        raise ConfigError("ALLOWED_IMAGES is empty: expected a comma-separated list, e.g. python,r")
+
+    job_user = r.str("JOB_USER", "1000:1000")
+    if job_user is not None and job_user.lower() in {"image", "default"}:
+        job_user = None  # run as the image's own user, for images that need it
+
+    storage = (r.str("VOLUME_STORAGE", "auto") or "auto").lower()
+    if storage not in VOLUME_STORAGES:
+        raise ConfigError(f"VOLUME_STORAGE={storage!r} is invalid: expected auto, host or docker")
+    if storage == "auto":
+        storage = "host" if daemon_shares_files(env) else "docker"
+
+    return Config(
+        backend=backend,
+        using_dummy_data_backend=dummy,
+        job_server_endpoint=endpoint,
+        job_server_token=token,
+        poll_interval=r.number("POLL_INTERVAL", 5.0),
+        sync_time_limit=r.number("SYNC_TIME_LIMIT", 60.0, minimum=1.0),
+        job_loop_interval=r.number("JOB_LOOP_INTERVAL", 1.0),
+        workdir=workdir,
+        high_privacy_storage_base=high,
+        medium_privacy_storage_base=medium,
+        stats_database_file=_stats_file(env, stats, workdir),
+        stats_poll_interval=r.number("STATS_POLL_INTERVAL", 10.0, minimum=0.1),
+        debug_log_file=normalise_path(debug_log, base=CHECKOUT_DIR) if debug_log else None,
+        loglevel=loglevel,
+        private_repo_access_token=r.str("PRIVATE_REPO_ACCESS_TOKEN"),
+        allowed_github_orgs=orgs,
+        allow_local_repos=r.flag("ALLOW_LOCAL_REPOS", local),
+        git_proxy_host=r.str("GIT_PROXY_HOST", None if local else "github-proxy.opensafely.org"),
+        actions_base_url=(
+            r.str("ACTIONS_BASE_URL", "https://github.com/opensafely-actions") or ""
+        ).rstrip("/"),
+        max_workers=r.number("MAX_WORKERS", float(cpu_default), minimum=0.1),
+        job_resource_weights_file=r.path(
+            "JOB_RESOURCE_WEIGHTS_FILE", CHECKOUT_DIR / "job-resource-weights.ini", CHECKOUT_DIR
+        ),
+        docker_registry=(
+            r.str("DOCKER_REGISTRY", "jr-demo" if local else "ghcr.io/opensafely-core") or ""
+        ).rstrip("/"),
+        allowed_images=allowed_images,
+        helper_image=r.str(
+            "HELPER_IMAGE", "jr-busybox:latest" if local else "ghcr.io/opensafely-core/busybox"
+        ),
+        tools_image=r.str(
+            "TOOLS_IMAGE", "jr-tools:latest" if local else "ghcr.io/opensafely-core/tools"
+        ),
+        pull_registry=r.str(
+            "PULL_REGISTRY", None if local else "docker-proxy.opensafely.org/opensafely-core"
+        ),
+        job_memory_limit=r.size("JOB_MEMORY_LIMIT"),
+        job_cpu_count=r.number("JOB_CPU_COUNT", 0.0) or None,
+        job_pids_limit=int(r.number("JOB_PIDS_LIMIT", 1024, minimum=16)),
+        job_user=job_user,
+        job_log_limit=r.log_limit("JOB_LOG_LIMIT", DEFAULT_JOB_LOG_LIMIT),
+        volume_storage=storage,
+        volumes_path=r.path("VOLUMES_DIR", workdir / "volumes", CHECKOUT_DIR),
+        copy_stall_timeout=r.number("COPY_STALL_TIMEOUT", 120.0, minimum=1.0),
+        worker_stall_timeout=r.number("WORKER_STALL_TIMEOUT", 300.0, minimum=1.0),
+        status_refresh_interval=r.number("STATUS_REFRESH_INTERVAL", 60.0, minimum=1.0),
+        database_urls=database_urls,
+        database_network=r.str("DATABASE_NETWORK"),
+        temp_database_name=r.str("TEMP_DATABASE_NAME"),
+        emis_organisation_hash=r.str("EMIS_ORGANISATION_HASH"),
+        presto_tls_cert=cert,
+        presto_tls_key=key,
+        stata_license=r.str("STATA_LICENSE"),
+    )
+
+
+def daemon_shares_files(env: Mapping[str, str]) -> bool:
+    """Whether the Docker daemon sees this machine's files: Linux, talking to a local socket.
+
+    Docker Desktop (Windows, macOS) runs the daemon in a virtual machine, and DOCKER_HOST may
+    name another machine: there a volume's files can only go through the daemon's archive API.
+    """
+    host = env.get("DOCKER_HOST") or os.environ.get("DOCKER_HOST") or "unix://"
+    return sys.platform.startswith("linux") and host.startswith("unix://")
+
+
+def _stats_file(env: Mapping[str, str], value: str | None, workdir: Path) -> Path | None:
+    """Stats go to `$WORKDIR/stats.sqlite` unless STATS_DATABASE_FILE names another file or `off`."""
+    if value is None:
+        # Set but empty means off, as the old backend read an unset variable.
+        return None if "STATS_DATABASE_FILE" in env else workdir / "stats.sqlite"
+    if value.lower() in ("off", "none", "false", "0"):
+        return None
+    return normalise_path(value, base=CHECKOUT_DIR)
+
+
+def _read_secret_file(name: str, path: Path) -> str:
+    """Read a file named by a setting, or fail naming the setting."""
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise ConfigError(
+            f"{name}={str(path)!r} cannot be read ({exc.strerror}): expected an existing file"
+        ) from None

@@ -1,0 +1,147 @@
+"""The jobs website's wire format (SPEC §4), pure: parse job requests, encode jobs, batch them.
+
+No HTTP here (that is client.py): a malformed request raises ValueError saying what is wrong,
+so the client can report it and go on with the others.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from enum import Enum
+from typing import Any
+
+from jobrunner_lib.core.models import iso
+
+Kind = type | tuple[type, ...]
+
+
+def _require(obj: Mapping[str, Any], key: str, kind: Kind, where: str = "") -> Any:
+    name = f"{where}{key}"
+    if key not in obj or obj[key] is None:
+        raise ValueError(f"missing '{name}'")
+    value = obj[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # bool is an int subclass, but a JSON true is never a valid identifier
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        expected = " or ".join(k.__name__ for k in kinds)
+        raise ValueError(f"'{name}' must be {expected}, got {type(value).__name__}")
+    return value
+
+
+def _optional(obj: Mapping[str, Any], key: str, kind: Kind, default: Any, where: str = "") -> Any:
+    if obj.get(key) is None:
+        return default
+    return _require(obj, key, kind, where)
+
+
+def _str_list(obj: Mapping[str, Any], key: str, *, required: bool) -> list[str]:
+    if not required and obj.get(key) is None:
+        return []
+    values = _require(obj, key, list)
+    for value in values:
+        if not isinstance(value, str):
+            raise ValueError(f"'{key}' must be a list of strings, found {type(value).__name__}")
+    return list(values)
+
+
+MAX_IDENTIFIER = 100
+
+
+_BAD_IDENTIFIER = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+
+
+def parse_job_request(obj: dict) -> dict:
+    """Normalise one wire job request (SPEC §4.3, window or today's shape) into SPEC §3.1's shape."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"not an object but {type(obj).__name__}")
+    identifier = _require(obj, "identifier", (str, int))
+    if str(identifier) == "":
+        raise ValueError("'identifier' is empty")
+    # It becomes a `req=` log tag, a database key and a path in the operator tools: a real one
+    # is 16 base32 characters, so anything long or with spaces or control characters is refused.
+    if len(str(identifier)) > MAX_IDENTIFIER or _BAD_IDENTIFIER.search(str(identifier)):
+        raise ValueError(
+            f"'identifier' must be at most {MAX_IDENTIFIER} characters without spaces or "
+            "control characters"
+        )
+    workspace = _require(obj, "workspace", dict)
+    # Today's server drops workspace.db for a top-level database_name; old servers only have db.
+    database_name = obj.get("database_name")
+    if not isinstance(database_name, str) or not database_name:
+        database_name = _optional(workspace, "db", str, "", "workspace.")
+    return {
+        "id": str(identifier),
+        "repo_url": _require(workspace, "repo", str, "workspace."),
+        "commit": _require(obj, "sha", str),
+        # A missing branch becomes "" so request validation (§5.8) fails it visibly as an
+        # __error__ job instead of the request being skipped where only the log shows it.
+        "branch": _optional(workspace, "branch", str, "", "workspace."),
+        "requested_actions": _str_list(obj, "requested_actions", required=True),
+        "cancelled_actions": _str_list(obj, "cancelled_actions", required=False),
+        "workspace": _require(workspace, "name", str, "workspace."),
+        "database_name": database_name,
+        "force_run_dependencies": _optional(obj, "force_run_dependencies", bool, False),
+        "codelists_ok": _optional(obj, "codelists_ok", bool, True),
+        "created_by": _optional(obj, "created_by", str, None),
+        "original": obj,
+    }
+
+
+def _wire_text(value: Any) -> str:
+    return "" if value is None else str(value.value if isinstance(value, Enum) else value)
+
+
+def _wire_time(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be unix seconds, got {type(value).__name__}")
+    # Whole seconds with a literal Z: the format the website has always received (SPEC §4.4).
+    return iso(value)
+
+
+def job_to_wire(job: Mapping[str, Any]) -> dict:
+    """Encode a job mapping as one item of the `POST jobs/` body (SPEC §4.4)."""
+    created_at = _wire_time(job.get("created_at"), "created_at")
+    if created_at is None:
+        raise ValueError(f"job {job.get('id')} has no created_at, which the website requires")
+    return {
+        "identifier": str(job["id"]),
+        "job_request_id": str(job["job_request_id"]),
+        "action": _wire_text(job["action"]),
+        "status": _wire_text(job["state"]),
+        "status_code": _wire_text(job.get("status_code")),
+        "status_message": _wire_text(job.get("status_message")),
+        "run_command": _wire_text(job.get("run_command")),
+        "created_at": created_at,
+        "updated_at": _wire_time(job.get("updated_at"), "updated_at"),
+        "started_at": _wire_time(job.get("started_at"), "started_at"),
+        "completed_at": _wire_time(job.get("completed_at"), "completed_at"),
+    }
+
+
+def group_contiguously(jobs: list[dict], batch_size: int) -> list[list[dict]]:
+    """Split jobs into batches keeping each request's jobs together and contiguous."""
+    # The website deletes a request's jobs missing from each consecutive run of that request in
+    # a POST (SPEC §4.4 rule 3), so a request must never be split within or across batches.
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    groups: dict[str, list[dict]] = {}
+    for job in jobs:
+        if "job_request_id" not in job:
+            raise ValueError(f"job {job.get('identifier', job.get('id'))} has no job_request_id")
+        groups.setdefault(job["job_request_id"], []).append(job)
+    batches: list[list[dict]] = []
+    current: list[dict] = []
+    for group in groups.values():
+        if current and len(current) + len(group) > batch_size:
+            batches.append(current)
+            current = []
+        current = current + group
+        if len(current) >= batch_size:
+            batches.append(current)
+            current = []
+    if current:
+        batches.append(current)
+    return batches
