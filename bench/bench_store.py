@@ -30,7 +30,7 @@ import bench_ls
 import bench_run_pass
 from benchlib import ROOT, report, run_cmd, timed
 
-from jobrunner_lib.jobs.processes import _process_info
+from jobrunner_lib.jobs.processes import process_info
 from tests.support.cli import tool_env
 
 PY = sys.executable
@@ -108,7 +108,7 @@ def tick_and_mem(quick: bool, which: Sequence[str]) -> None:
     label = f"{finished // 1000}k"
     sleeper = subprocess.Popen(["sleep", "3600"])  # the 50 running jobs' "worker"
     try:
-        started = _process_info(sleeper.pid)[1]
+        started = process_info(sleeper.pid)[1]
         if started is None:
             raise SystemExit("bench: cannot read the start time of a process (needs /proc)")
         with tempfile.TemporaryDirectory(prefix="jr-bench-store-") as tmp:

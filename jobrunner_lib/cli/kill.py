@@ -217,7 +217,7 @@ Does not contact the jobs website: the next jr-sync reports the new state. Safe 
 
     def log_exists(self, ctx: Context, job: Job) -> bool:
         """Whether the killed job's logs.txt was already written (by an earlier jr-kill)."""
-        from jobrunner_lib.jobs.finalize import log_dir
+        from jobrunner_lib.jobs.workspaces import log_dir
 
         assert ctx.config is not None
         base = ctx.config.high_privacy_storage_base

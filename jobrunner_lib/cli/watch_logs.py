@@ -44,7 +44,7 @@ class Source:
 
 def saved_log(config: Config, job: Job) -> Path | None:
     """The job's saved logs.txt: in its completion month's directory, else wherever a glob finds it."""
-    from jobrunner_lib.jobs.finalize import log_dir  # lazily: only finished jobs need it
+    from jobrunner_lib.jobs.workspaces import log_dir  # lazily: only finished jobs need it
 
     base = config.high_privacy_storage_base
     if job.completed_at:

@@ -55,6 +55,10 @@ class ConfigError(JrError):
     exit_code = EXIT_CONFIG
 
 
+class JobError(Exception):
+    """An expected failure of one job: it fails with `JobError: <message>` and the loop goes on."""
+
+
 class IllegalTransition(Exception):
     """A job state change the state machine forbids: always a bug (exit 70)."""
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from jobrunner_lib.core.config import Config
-from jobrunner_lib.core.errors import TemporaryFailure
+from jobrunner_lib.core.errors import JobError, TemporaryFailure
 from jobrunner_lib.core.outputs import (
     MARKER as MARKER,  # re-exported: the marker is a fact of outputs
 )
@@ -31,10 +31,6 @@ BROKEN_MESSAGE = "There was a (hopefully temporary) internal Docker error, pleas
 
 _client: Any = None
 _client_lock = threading.Lock()
-
-
-class JobError(Exception):
-    """An expected failure of one job: it fails with `JobError: <message>` and the loop goes on."""
 
 
 class BrokenContainerError(JobError):

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from jobrunner_lib.core import logs
 from jobrunner_lib.core.config import Config
-from jobrunner_lib.core.errors import ConflictError
+from jobrunner_lib.core.errors import ConflictError, JobError
 from jobrunner_lib.core.faults import fault
 from jobrunner_lib.core.models import (
     FinalResult,
@@ -27,13 +27,13 @@ from jobrunner_lib.core.models import (
     transition,
 )
 from jobrunner_lib.docker import engine as docker
-from jobrunner_lib.docker.engine import BrokenContainerError, DiskFull, DockerUnavailable, JobError
+from jobrunner_lib.docker.engine import BrokenContainerError, DiskFull, DockerUnavailable
 from jobrunner_lib.jobs import cleanup as cleanup_debt
 from jobrunner_lib.jobs import stats, workspaces
 from jobrunner_lib.jobs.executor import Executor, ExecutorState, LocalDockerExecutor, input_files
 from jobrunner_lib.jobs.finalize import iso
 from jobrunner_lib.jobs.outage import DockerOutage, disk_name, full_disk_name, store_unusable
-from jobrunner_lib.jobs.processes import _process_info
+from jobrunner_lib.jobs.processes import process_info
 from jobrunner_lib.pipeline.names import action_name_problem
 from jobrunner_lib.store import queries as db_queries
 
@@ -233,7 +233,7 @@ class Driver:
         """
         if self.job.worker_pid == os.getpid():
             return
-        started = _process_info(os.getpid())[1] or time.time()
+        started = process_info(os.getpid())[1] or time.time()
         self.save(lambda j: j.copy(worker_pid=os.getpid(), worker_started_at=started))
 
     def note_docker_lost(self, exc: BaseException) -> None:

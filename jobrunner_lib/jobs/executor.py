@@ -21,11 +21,11 @@ from typing import Any
 
 from jobrunner_lib.core import outputs
 from jobrunner_lib.core.config import Config
+from jobrunner_lib.core.errors import JobError
 from jobrunner_lib.core.models import Job, Outcome
 from jobrunner_lib.docker import engine as docker
 from jobrunner_lib.docker import extract, tarstream, volumes
 from jobrunner_lib.docker import files as docker_files
-from jobrunner_lib.docker.engine import JobError
 from jobrunner_lib.git import repos as git_repos
 from jobrunner_lib.git import runner as git
 from jobrunner_lib.jobs import workspaces
@@ -384,10 +384,12 @@ class LocalDockerExecutor(Executor):
 
     def finalize(self, job: Job, outcome: Outcome) -> Job:
         """See finalize.finalize_job; then remove what an interrupted earlier finalize left."""
-        from jobrunner_lib.jobs.finalize import finalize_job, log_dir
+        from jobrunner_lib.jobs.finalize import finalize_job
 
         final = finalize_job(self, job, outcome)
-        logs = log_dir(self.config.high_privacy_storage_base, job.id, final.completed_at or 0)
+        logs = workspaces.log_dir(
+            self.config.high_privacy_storage_base, job.id, final.completed_at or 0
+        )
         for stale in remove_stale_temps([logs / "logs.txt", logs / "metadata.json"]):
             log.info(f"Removed {stale}, left by an interrupted copy", extra={"job": job})
         return final

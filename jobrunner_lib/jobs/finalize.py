@@ -11,11 +11,11 @@ import dataclasses
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jobrunner_lib.core import faults, outputs
+from jobrunner_lib.core.errors import JobError
 from jobrunner_lib.core.models import (
     FinalResult,
     Job,
@@ -29,7 +29,6 @@ from jobrunner_lib.core.models import (
 )
 from jobrunner_lib.docker import engine as docker
 from jobrunner_lib.docker import extract, tarstream, volumes
-from jobrunner_lib.docker.engine import JobError
 from jobrunner_lib.jobs import workspaces
 from jobrunner_lib.store import queries as db_queries
 
@@ -76,16 +75,6 @@ def redact_environment(info: dict[str, Any]) -> dict[str, Any]:
     if info.get("Config"):
         info["Config"]["Env"] = redacted
     return info
-
-
-def log_dir(high_privacy_base: Path, job_id: str, completed_at: int) -> Path:
-    """`$HIGH/logs/YYYY-MM/os-job-<id>/`.
-
-    YYYY-MM is the UTC month of completion, not the host's local date as in the old backend:
-    every tool and host then agrees on it from `completed_at` alone, whatever its timezone.
-    """
-    month = time.strftime("%Y-%m", time.gmtime(completed_at))
-    return high_privacy_base / "logs" / month / docker.container_name(job_id)
 
 
 def decide(
@@ -353,7 +342,7 @@ def _write_logs(
 
 def write_job_logs(high_privacy_base: Path, job: Job, metadata: dict[str, Any]) -> Path:
     """Write logs.txt (container output, then the trailer) and metadata.json; return logs.txt."""
-    directory = log_dir(high_privacy_base, job.id, job.completed_at or now())
+    directory = workspaces.log_dir(high_privacy_base, job.id, job.completed_at or now())
     directory.mkdir(parents=True, exist_ok=True)
     logs_txt = directory / "logs.txt"
     tmp = directory / f".jr-tmp-logs.txt.{os.getpid()}"

@@ -52,7 +52,7 @@ def spawn_worker(config: Config, job_id: str) -> tuple[int, float]:
             **detach,
         )
     _WORKERS.append(proc)
-    started = _process_info(proc.pid)[1]
+    started = process_info(proc.pid)[1]
     return proc.pid, started if started is not None else time.time()
 
 
@@ -67,7 +67,7 @@ def worker_alive(pid: int, start_time: float | None) -> bool:
     """True if `pid` runs and, where the OS tells us, started at `start_time` (not a reused pid)."""
     if pid <= 0:
         return False
-    running, started = _process_info(pid)
+    running, started = process_info(pid)
     if not running:
         return False
     if started is None or start_time is None:
@@ -93,7 +93,7 @@ def kill_worker(pid: int, start_time: float | None) -> None:
         pass
 
 
-def _process_info(pid: int) -> tuple[bool, float | None]:
+def process_info(pid: int) -> tuple[bool, float | None]:
     """(running, start time as Unix seconds when the OS can tell us)."""
     if sys.platform.startswith("linux"):
         try:

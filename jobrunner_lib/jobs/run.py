@@ -24,8 +24,8 @@ from jobrunner_lib.core.weights import Weights, load_weights
 from jobrunner_lib.jobs import cleanup
 from jobrunner_lib.jobs.outage import DockerOutage, store_unusable
 from jobrunner_lib.jobs.processes import (
-    _process_info,
     kill_worker,
+    process_info,
     reap_children,
     spawn_worker,
     worker_alive,
@@ -397,7 +397,7 @@ def after_job(config: Config, lock: Any, *, take_next: bool = False) -> str | No
                 # This process may be old: a fresh heartbeat keeps the job from looking stalled
                 # until its own heartbeat thread starts.
                 db_queries.touch(conn, job_id, heartbeat=time.time())
-                started = _process_info(os.getpid())[1]
+                started = process_info(os.getpid())[1]
                 return os.getpid(), started if started is not None else time.time()
             return spawn_worker(config, job_id)
 

@@ -22,15 +22,17 @@ import logging
 import os
 import shutil
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from jobrunner_lib.core import outputs
 from jobrunner_lib.core.config import Config
+from jobrunner_lib.core.errors import JobError
 from jobrunner_lib.core.models import Job, StatusCode
+from jobrunner_lib.docker import engine as docker
 from jobrunner_lib.docker import extract
-from jobrunner_lib.docker.engine import JobError
 from jobrunner_lib.store import queries as db_queries
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,16 @@ def medium(config: Config, workspace: str) -> Path:
 def action_log(root: Path, action: str) -> Path:
     """`<workspace>/metadata/<action>.log`."""
     return workspace_path(root, f"{outputs.METADATA_DIR}/{action}.log")
+
+
+def log_dir(high_privacy_base: Path, job_id: str, completed_at: int) -> Path:
+    """`$HIGH/logs/YYYY-MM/os-job-<id>/`.
+
+    YYYY-MM is the UTC month of completion, not the host's local date as in the old backend:
+    every tool and host then agrees on it from `completed_at` alone, whatever its timezone.
+    """
+    month = time.strftime("%Y-%m", time.gmtime(completed_at))
+    return high_privacy_base / "logs" / month / docker.container_name(job_id)
 
 
 def lock_path(config: Config, workspace: str) -> Path:

@@ -231,7 +231,7 @@ def run_action(base: Path, outputs: dict, files: list[str]) -> tuple:
     conn = db.connect(config.db_path)
     try:
         # The real pass claims the job; the worker then runs here rather than in a new process.
-        me = (os.getpid(), processes._process_info(os.getpid())[1] or time.time())
+        me = (os.getpid(), processes.process_info(os.getpid())[1] or time.time())
         run.run_pass(config, conn, spawn=lambda _config, _id: me)
         job = drive_job(config, job_id)
     finally:

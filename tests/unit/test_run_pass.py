@@ -597,7 +597,7 @@ def test_spawn_worker_starts_a_detached_logged_process(
 def test_worker_alive_rejects_a_reused_pid() -> None:
     proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
-        started = processes._process_info(proc.pid)[1]
+        started = processes.process_info(proc.pid)[1]
         assert started is not None and abs(started - time.time()) < 5
         assert processes.worker_alive(proc.pid, started)
         assert not processes.worker_alive(proc.pid, started - 3600)  # same pid, another process
