@@ -15,6 +15,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -33,6 +34,7 @@ from jobrunner_lib.core.errors import (
 )
 from jobrunner_lib.core.models import Job
 from jobrunner_lib.store import db
+from jobrunner_lib.store import queries as db_queries
 
 from .formats import FORMATS, human_age, is_terminal, iso, write_rows
 
@@ -107,7 +109,8 @@ class Context:
         expanded = ids.expand_args(fragments, self.stdin)
         if not expanded:
             return []
-        return ids.resolve(self.conn, expanded, self.pick if self.interactive else None)
+        search = partial(db_queries.search_ids, self.conn)
+        return ids.resolve(search, expanded, self.pick if self.interactive else None)
 
     def pick(self, fragment: str, targets: Sequence[ids.Target]) -> ids.Target:
         """Show an fzf picker of the targets (never empty, only with a terminal)."""

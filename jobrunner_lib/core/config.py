@@ -12,6 +12,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 from jobrunner_lib.core.errors import ConfigError
 
@@ -224,12 +225,22 @@ class _Reader:
     def __init__(self, env: Mapping[str, str]):
         self.env = env
 
-    def str(self, name: str, default: str | None = None) -> str | None:
+    @overload
+    def text(self, name: str) -> str | None: ...
+
+    @overload
+    def text(self, name: str, default: str) -> str: ...
+
+    @overload
+    def text(self, name: str, default: str | None) -> str | None: ...
+
+    def text(self, name: str, default: str | None = None) -> str | None:
+        """The value stripped of spaces; `default` when unset or blank."""
         value = self.env.get(name)
         return default if value is None or value.strip() == "" else value.strip()
 
     def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
-        raw = self.str(name)
+        raw = self.text(name)
         if raw is None:
             return default
         try:
@@ -254,11 +265,11 @@ class _Reader:
         raise ConfigError(f"{name}={raw!r} is not a yes/no value: expected true or false")
 
     def path(self, name: str, default: Path, base: Path) -> Path:
-        raw = self.str(name)
+        raw = self.text(name)
         return default if raw is None else normalise_path(raw, base=base)
 
     def size(self, name: str) -> int | None:
-        raw = self.str(name)
+        raw = self.text(name)
         if raw is None:
             return None
         size = parse_size(raw)
@@ -267,7 +278,7 @@ class _Reader:
         return size
 
     def log_limit(self, name: str, default: LogLimit) -> LogLimit:
-        raw = self.str(name)
+        raw = self.text(name)
         if raw is None:
             return default
         limit = parse_log_limit(raw)
@@ -284,7 +295,7 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
     """Read and check every setting; raise ConfigError naming the first bad variable."""
     env = read_env(env_file, environ)
     r = _Reader(env)
-    backend = r.str("BACKEND", LOCAL_BACKEND)
+    backend = r.text("BACKEND", LOCAL_BACKEND)
     if not BACKEND_RE.match(backend):
         raise ConfigError(
             f"BACKEND={backend!r} is invalid: expected letters, digits, '_' or '-' "
@@ -293,7 +304,7 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
     local = backend == LOCAL_BACKEND
     dummy = r.flag("USING_DUMMY_DATA_BACKEND", local)
 
-    endpoint = r.str("JOB_SERVER_ENDPOINT")
+    endpoint = r.text("JOB_SERVER_ENDPOINT")
     token = env.get("JOB_SERVER_TOKEN")
     if endpoint is not None:
         if not re.match(r"^https?://[^/\s]+", endpoint):
@@ -318,15 +329,15 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
 
     workdir = (
         r.path("WORKDIR", Path(), CHECKOUT_DIR)
-        if r.str("WORKDIR")
+        if r.text("WORKDIR")
         else (r.path("WORK_DIR", CHECKOUT_DIR / "workdir", CHECKOUT_DIR))
     )
     high = r.path("HIGH_PRIVACY_STORAGE_BASE", workdir / "high_privacy", CHECKOUT_DIR)
     medium = r.path("MEDIUM_PRIVACY_STORAGE_BASE", workdir / "medium_privacy", CHECKOUT_DIR)
-    stats = r.str("STATS_DATABASE_FILE")
-    debug_log = r.str("DEBUG_LOG_FILE")
+    stats = r.text("STATS_DATABASE_FILE")
+    debug_log = r.text("DEBUG_LOG_FILE")
 
-    loglevel = (r.str("LOGLEVEL", "INFO") or "INFO").upper()
+    loglevel = (r.text("LOGLEVEL", "INFO") or "INFO").upper()
     if loglevel not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         raise ConfigError(
             f"LOGLEVEL={loglevel!r} is invalid: expected DEBUG, INFO, WARNING or ERROR"
@@ -334,7 +345,7 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
 
     orgs = tuple(
         o.strip()
-        for o in (r.str("ALLOWED_GITHUB_ORGS", "opensafely") or "").split(",")
+        for o in (r.text("ALLOWED_GITHUB_ORGS", "opensafely") or "").split(",")
         if o.strip()
     )
 
@@ -345,7 +356,7 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
         if env.get(f"{name.upper()}_DATABASE_URL", "").strip()
     }
 
-    cert_path, key_path = r.str("PRESTO_TLS_CERT_PATH"), r.str("PRESTO_TLS_KEY_PATH")
+    cert_path, key_path = r.text("PRESTO_TLS_CERT_PATH"), r.text("PRESTO_TLS_KEY_PATH")
     if bool(cert_path) != bool(key_path):
         raise ConfigError(
             "PRESTO_TLS_CERT_PATH and PRESTO_TLS_KEY_PATH must be set together (or neither)"
@@ -359,16 +370,16 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
 
     images_default = "python,r" if local else ",".join(PRODUCTION_IMAGES)
     allowed_images = tuple(
-        i.strip() for i in (r.str("ALLOWED_IMAGES", images_default) or "").split(",") if i.strip()
+        i.strip() for i in (r.text("ALLOWED_IMAGES", images_default) or "").split(",") if i.strip()
     )
     if not allowed_images:
         raise ConfigError("ALLOWED_IMAGES is empty: expected a comma-separated list, e.g. python,r")
 
-    job_user = r.str("JOB_USER", "1000:1000")
+    job_user: str | None = r.text("JOB_USER", "1000:1000")
     if job_user is not None and job_user.lower() in {"image", "default"}:
         job_user = None  # run as the image's own user, for images that need it
 
-    storage = (r.str("VOLUME_STORAGE", "auto") or "auto").lower()
+    storage = (r.text("VOLUME_STORAGE", "auto") or "auto").lower()
     if storage not in VOLUME_STORAGES:
         raise ConfigError(f"VOLUME_STORAGE={storage!r} is invalid: expected auto, host or docker")
     if storage == "auto":
@@ -389,28 +400,28 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
         stats_poll_interval=r.number("STATS_POLL_INTERVAL", 10.0, minimum=0.1),
         debug_log_file=normalise_path(debug_log, base=CHECKOUT_DIR) if debug_log else None,
         loglevel=loglevel,
-        private_repo_access_token=r.str("PRIVATE_REPO_ACCESS_TOKEN"),
+        private_repo_access_token=r.text("PRIVATE_REPO_ACCESS_TOKEN"),
         allowed_github_orgs=orgs,
         allow_local_repos=r.flag("ALLOW_LOCAL_REPOS", local),
-        git_proxy_host=r.str("GIT_PROXY_HOST", None if local else "github-proxy.opensafely.org"),
+        git_proxy_host=r.text("GIT_PROXY_HOST", None if local else "github-proxy.opensafely.org"),
         actions_base_url=(
-            r.str("ACTIONS_BASE_URL", "https://github.com/opensafely-actions") or ""
+            r.text("ACTIONS_BASE_URL", "https://github.com/opensafely-actions") or ""
         ).rstrip("/"),
         max_workers=r.number("MAX_WORKERS", float(cpu_default), minimum=0.1),
         job_resource_weights_file=r.path(
             "JOB_RESOURCE_WEIGHTS_FILE", CHECKOUT_DIR / "job-resource-weights.ini", CHECKOUT_DIR
         ),
         docker_registry=(
-            r.str("DOCKER_REGISTRY", "jr-demo" if local else "ghcr.io/opensafely-core") or ""
+            r.text("DOCKER_REGISTRY", "jr-demo" if local else "ghcr.io/opensafely-core") or ""
         ).rstrip("/"),
         allowed_images=allowed_images,
-        helper_image=r.str(
+        helper_image=r.text(
             "HELPER_IMAGE", "jr-busybox:latest" if local else "ghcr.io/opensafely-core/busybox"
         ),
-        tools_image=r.str(
+        tools_image=r.text(
             "TOOLS_IMAGE", "jr-tools:latest" if local else "ghcr.io/opensafely-core/tools"
         ),
-        pull_registry=r.str(
+        pull_registry=r.text(
             "PULL_REGISTRY", None if local else "docker-proxy.opensafely.org/opensafely-core"
         ),
         job_memory_limit=r.size("JOB_MEMORY_LIMIT"),
@@ -424,12 +435,12 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
         worker_stall_timeout=r.number("WORKER_STALL_TIMEOUT", 300.0, minimum=1.0),
         status_refresh_interval=r.number("STATUS_REFRESH_INTERVAL", 60.0, minimum=1.0),
         database_urls=database_urls,
-        database_network=r.str("DATABASE_NETWORK"),
-        temp_database_name=r.str("TEMP_DATABASE_NAME"),
-        emis_organisation_hash=r.str("EMIS_ORGANISATION_HASH"),
+        database_network=r.text("DATABASE_NETWORK"),
+        temp_database_name=r.text("TEMP_DATABASE_NAME"),
+        emis_organisation_hash=r.text("EMIS_ORGANISATION_HASH"),
         presto_tls_cert=cert,
         presto_tls_key=key,
-        stata_license=r.str("STATA_LICENSE"),
+        stata_license=r.text("STATA_LICENSE"),
     )
 
 

@@ -11,14 +11,12 @@ import base64
 import hashlib
 import os
 import re
-import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
 from jobrunner_lib.core.errors import AmbiguousError, NoMatchError, UsageError
 from jobrunner_lib.core.models import Job
-from jobrunner_lib.store import queries as db_queries
 
 MIN_FRAGMENT = 3
 ID_RE = re.compile(r"^[a-z2-7]{16}$")
@@ -105,16 +103,18 @@ def expand_args(args: Sequence[str], stdin: TextIO | None) -> list[str]:
 
 
 def resolve(
-    conn: sqlite3.Connection, fragments: Sequence[str], choose: Chooser | None
+    search: Callable[[str], Iterable[Job]], fragments: Sequence[str], choose: Chooser | None
 ) -> list[Job]:
     """Resolve fragments to jobs (request targets expand to all their jobs), first seen first.
 
-    `choose` is called for an ambiguous fragment; without one, ambiguity raises AmbiguousError
-    listing the candidates. A fragment that matches nothing raises NoMatchError.
+    `search(fragment)` gives the jobs whose id or request id may contain it (the store's
+    queries.search_ids). `choose` is called for an ambiguous fragment; without one, ambiguity
+    raises AmbiguousError listing the candidates. A fragment that matches nothing raises
+    NoMatchError.
     """
     chosen: dict[str, Job] = {}
     for frag in fragments:
-        targets = targets_for(frag, db_queries.search_ids(conn, frag))
+        targets = targets_for(frag, search(frag))
         if not targets:
             raise NoMatchError(f"No jobs found matching '{frag}'")
         if len(targets) > 1:

@@ -74,8 +74,6 @@ def job_tags(job: Any) -> str:
 class JrFormatter(logging.Formatter):
     """UTC time with milliseconds and `Z`, the component padded to 4, the message, then job tags."""
 
-    converter = time.gmtime
-
     def __init__(self, component: str):
         super().__init__()
         self.component = component
@@ -86,8 +84,8 @@ class JrFormatter(logging.Formatter):
         job = getattr(record, "job", None)
         if job is not None:
             message = f"{message} {job_tags(job)}"
-        elif getattr(record, "req", None):
-            message = f"{message} req={tag_value(record.req)}"
+        elif record.__dict__.get("req"):
+            message = f"{message} req={tag_value(record.__dict__['req'])}"
         if record.exc_info:
             message = f"{message}\n{self.formatException(record.exc_info)}"
         component = getattr(record, "component", None) or self.component

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, cast
 
 from jobrunner_lib.docker import engine as docker
 from jobrunner_lib.docker import extract, tarstream
@@ -157,7 +158,7 @@ def _copy_directory(
                 helper, source, chunk_size=tarstream.CHUNK
             )
             try:
-                reader = extract.IterReader(stream, progress)
+                reader = cast(IO[bytes], extract.IterReader(stream, progress))
                 return extract.extract_members(reader, wanted, progress)
             finally:
                 getattr(stream, "close", lambda: None)()

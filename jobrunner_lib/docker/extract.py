@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 from jobrunner_lib.docker.tarstream import BLOCK, CHUNK, CopyStalled, Progress, UnsafeArchive
 
@@ -95,7 +95,7 @@ def receive_one_file(
     member = _first_member(pieces)
     if member is None:
         reader = IterReader(pieces.rest(), progress, buffered=pieces.taken())
-        return extract_one_file(reader, expected_name, dest, progress)
+        return extract_one_file(cast(IO[bytes], reader), expected_name, dest, progress)
     if member.name != expected_name:
         raise UnsafeArchive(f"archive for {expected_name} holds {member.name!r}")
     if not member.isreg():

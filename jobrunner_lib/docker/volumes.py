@@ -32,7 +32,7 @@ import stat
 import tarfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, cast
 
 from jobrunner_lib.core import outputs
 from jobrunner_lib.core.config import Config
@@ -168,7 +168,9 @@ def extract_on_host(
     root_fd = os.open(root, _DIR_FLAGS)
     try:
         with tarfile.open(
-            fileobj=extract.IterReader(chunks, progress), mode="r|", bufsize=tarstream.CHUNK
+            fileobj=cast(IO[bytes], extract.IterReader(chunks, progress)),
+            mode="r|",
+            bufsize=tarstream.CHUNK,
         ) as tar:
             for member in tar:
                 name = tarstream.safe_member_name(member.name)
@@ -292,8 +294,8 @@ def _make_dir(
     if fd is None:
         os.mkdir(name, 0o700, dir_fd=parent)
         fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
-        if mode is None:
-            mode = 0o755 if uid is not None else 0o777
+    if mode is None:  # a new directory (an existing one was returned above)
+        mode = 0o755 if uid is not None else 0o777
     _set_mode(fd, mode, uid, gid)
     return fd
 

@@ -111,7 +111,7 @@ def _git_stream(*args: str) -> IO[bytes]:
             proc = subprocess.Popen(
                 argv, env=env, stdin=subprocess.DEVNULL, stdout=write_fd, stderr=stderr
             )
-            wait = proc.wait
+            wait: Callable[[], int] = proc.wait
         else:
             cmd = sh.Command("git")(
                 *argv[1:], _env=env, _out=write_fd, _err=stderr, _bg=True, _bg_exc=False,

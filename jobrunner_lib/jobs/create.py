@@ -13,6 +13,7 @@ import shlex
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from jobrunner_lib.core.config import Config
 from jobrunner_lib.core.ids import job_id
@@ -250,7 +251,7 @@ def _new_action_job(
             config, action, spec.image, spec.tag, args
         )
     args = _cohort_args(config, pipeline, spec, args)
-    fields = dict(
+    fields: dict[str, Any] = dict(
         requires_outputs_from=list(spec.needs),
         wait_for_job_ids=waits,
         run_command=shlex.join([image, *args]),

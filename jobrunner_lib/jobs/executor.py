@@ -29,6 +29,7 @@ from jobrunner_lib.docker import files as docker_files
 from jobrunner_lib.git import repos as git_repos
 from jobrunner_lib.git import runner as git
 from jobrunner_lib.jobs import workspaces
+from jobrunner_lib.jobs.finalize import finalize_job
 from jobrunner_lib.store import queries as db_queries
 
 log = logging.getLogger(__name__)
@@ -384,8 +385,6 @@ class LocalDockerExecutor(Executor):
 
     def finalize(self, job: Job, outcome: Outcome) -> Job:
         """See finalize.finalize_job; then remove what an interrupted earlier finalize left."""
-        from jobrunner_lib.jobs.finalize import finalize_job
-
         final = finalize_job(self, job, outcome)
         logs = workspaces.log_dir(
             self.config.high_privacy_storage_base, job.id, final.completed_at or 0

@@ -11,10 +11,12 @@ import dataclasses
 import json
 import logging
 import os
+import sqlite3
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from jobrunner_lib.core import faults, outputs
+from jobrunner_lib.core.config import Config
 from jobrunner_lib.core.errors import JobError
 from jobrunner_lib.core.models import (
     FinalResult,
@@ -32,8 +34,15 @@ from jobrunner_lib.docker import extract, tarstream, volumes
 from jobrunner_lib.jobs import workspaces
 from jobrunner_lib.store import queries as db_queries
 
-if TYPE_CHECKING:
-    from jobrunner_lib.jobs.executor import LocalDockerExecutor
+
+class Finalizing(Protocol):
+    """What finalize needs of the executor driving it (jobs.executor.LocalDockerExecutor)."""
+
+    config: Config
+    conn: sqlite3.Connection
+    progress: tarstream.Progress
+    resource_usage: dict[str, dict[str, Any]]
+
 
 log = logging.getLogger(__name__)
 
@@ -93,26 +102,32 @@ def decide(
     `job_error` says why some matched outputs cannot be copied (unsafe names, a clash with the
     workspace): the job then fails with that message rather than succeeding without them.
     """
-    common = dict(
-        completed_at=completed_at,
-        exit_code=exit_code,
-        image_id=image_id,
-        outputs=matched,
-        unmatched_outputs=unmatched_files,
-    )
+
+    def result(state: State, code: StatusCode, message: str) -> FinalResult:
+        return FinalResult(
+            state,
+            code,
+            message,
+            completed_at=completed_at,
+            exit_code=exit_code,
+            image_id=image_id,
+            outputs=matched,
+            unmatched_outputs=unmatched_files,
+        )
+
     if job.cancelled:
-        return FinalResult(State.FAILED, StatusCode.CANCELLED_BY_USER, Msg.CANCELLED, **common)
+        return result(State.FAILED, StatusCode.CANCELLED_BY_USER, Msg.CANCELLED)
     if exit_code != 0:
         message = f"Job exited with error code {exit_code}"
         if exit_code == OOM_EXIT_CODE or oom_killed:
             message += ": likely means it ran out of memory"
-        return FinalResult(State.FAILED, StatusCode.NONZERO_EXIT, message, **common)
+        return result(State.FAILED, StatusCode.NONZERO_EXIT, message)
     if job_error:
-        return FinalResult(State.FAILED, StatusCode.JOB_ERROR, job_error, **common)
+        return result(State.FAILED, StatusCode.JOB_ERROR, job_error)
     if unmatched_patterns:
         message = "\n".join([Msg.UNMATCHED, *(f" - {p}" for p in unmatched_patterns)])
-        return FinalResult(State.FAILED, StatusCode.UNMATCHED_PATTERNS, message, **common)
-    return FinalResult(State.SUCCEEDED, StatusCode.SUCCEEDED, Msg.SUCCEEDED, **common)
+        return result(State.FAILED, StatusCode.UNMATCHED_PATTERNS, message)
+    return result(State.SUCCEEDED, StatusCode.SUCCEEDED, Msg.SUCCEEDED)
 
 
 def refused_message(refused: list[str]) -> str:
@@ -184,7 +199,7 @@ def _candidates(job: Job, files: list[tarstream.VolumeFile]) -> tuple[list[str],
     return candidates, unsafe
 
 
-def _inputs(executor: LocalDockerExecutor, job: Job) -> dict[str, str]:
+def _inputs(executor: Finalizing, job: Job) -> dict[str, str]:
     """The inputs copied into the job's volume, as recorded before the copy (path -> action).
 
     A job prepared by a jr older than the record gets them from the needed actions' latest
@@ -199,7 +214,7 @@ def _inputs(executor: LocalDockerExecutor, job: Job) -> dict[str, str]:
     return found
 
 
-def finalize_job(executor: LocalDockerExecutor, job: Job, outcome: Outcome) -> Job:
+def finalize_job(executor: Finalizing, job: Job, outcome: Outcome) -> Job:
     """Inspect, claim and stage outputs, then (holding the workspace lock) decide, write logs.txt
     and metadata.json, place the staged files, write the action logs, save the outcome and delete
     obsolete outputs. Returns the job as saved.
@@ -321,7 +336,7 @@ def finalize_job(executor: LocalDockerExecutor, job: Job, outcome: Outcome) -> J
 
 
 def _write_logs(
-    executor: LocalDockerExecutor,
+    executor: Finalizing,
     job: Job,
     result: FinalResult,
     info: dict[str, Any],

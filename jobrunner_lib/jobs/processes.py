@@ -35,7 +35,9 @@ def spawn_worker(config: Config, job_id: str) -> tuple[int, float]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     detach: dict[str, Any] = {}
     if os.name == "nt":
-        detach["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.DETACHED_PROCESS
+        detach["creationflags"] = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) | getattr(
+            subprocess, "DETACHED_PROCESS", 0
+        )
     else:
         # Its own session: a Ctrl-C or SIGTERM aimed at the service does not reach it mid-copy.
         detach["start_new_session"] = True
@@ -140,7 +142,7 @@ def _windows_process_info(pid: int) -> tuple[bool, float | None]:
     kernel32.CloseHandle.argtypes = [wintypes.HANDLE]
     handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
     if not handle:
-        return ctypes.get_last_error() == 5, None  # ERROR_ACCESS_DENIED: it exists
+        return ctypes.get_last_error() == 5, None  # type: ignore[attr-defined]  # Windows only  # ERROR_ACCESS_DENIED: it exists
     try:
         code = wintypes.DWORD()
         if kernel32.GetExitCodeProcess(handle, ctypes.byref(code)) and code.value != 259:

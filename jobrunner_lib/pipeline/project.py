@@ -9,13 +9,13 @@ errors. Pure: no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 from jobrunner_lib.pipeline.commands import config_json, is_database_action
 from jobrunner_lib.pipeline.document import YamlDocument, YamlProblem, load_yaml
+from jobrunner_lib.pipeline.graph import cycles, find_cycle, topological_order
 from jobrunner_lib.pipeline.names import action_name_problem, image_name_problem
 from jobrunner_lib.pipeline.rules import (
     LATEST_VERSION,
@@ -336,74 +336,9 @@ def _check_cycles(result: ProjectCheck) -> None:
     """jr's own rule: the official parser accepts cycles and the runner then recurses forever."""
     lines = {spec.name: spec.line for spec in result.actions}
     graph = {spec.name: spec.needs for spec in result.actions}
-    for cycle in _cycles(graph, first_only=False):
+    for cycle in cycles(graph, first_only=False):
         if len(cycle) == 2:
             message = f"`needs` of action {cycle[0]} includes itself (needs form a cycle: {cycle[0]} -> {cycle[0]})"
         else:
             message = f"needs form a cycle: {' -> '.join(cycle)}"
         result.problems.append(Problem(message, lines.get(cycle[0]), cycle[0]))
-
-
-def _cycles(graph: Mapping[str, Iterable[str]], first_only: bool) -> list[list[str]]:
-    """Cycles found by one depth-first pass (one per distinct set of actions), without recursion."""
-    done: set[str] = set()
-    found: list[list[str]] = []
-    seen_sets: set[frozenset] = set()
-    for root in graph:
-        if root in done:
-            continue
-        path, position = [root], {root: 0}
-        stack = [iter(graph[root])]
-        while stack:
-            for child in stack[-1]:
-                if child in position:  # a back edge: child is on the current path
-                    cycle = path[position[child] :] + [child]
-                    if frozenset(cycle) not in seen_sets:
-                        seen_sets.add(frozenset(cycle))
-                        found.append(cycle)
-                        if first_only:
-                            return found
-                elif child not in done and child in graph:
-                    position[child] = len(path)
-                    path.append(child)
-                    stack.append(iter(graph[child]))
-                    break
-            else:
-                stack.pop()
-                done.add(path[-1])
-                del position[path.pop()]
-    return found
-
-
-def find_cycle(graph: Mapping[str, Iterable[str]]) -> list[str] | None:
-    """A cycle in a `needs` graph as a closed path (e.g. ["a", "b", "a"]), or None."""
-    cycles = _cycles(graph, first_only=True)
-    return cycles[0] if cycles else None
-
-
-def topological_order(graph: Mapping[str, Iterable[str]], targets: Iterable[str]) -> list[str]:
-    """`targets` and everything they need, dependencies first; ValueError naming any cycle."""
-    order: list[str] = []
-    done: set[str] = set()
-    for target in targets:
-        if target in done:
-            continue
-        path, on_path = [target], {target}
-        stack = [iter(graph.get(target, ()))]
-        while stack:
-            for child in stack[-1]:
-                if child in on_path:
-                    cycle = path[path.index(child) :] + [child]
-                    raise ValueError(f"needs form a cycle: {' -> '.join(cycle)}")
-                if child not in done:
-                    path.append(child)
-                    on_path.add(child)
-                    stack.append(iter(graph.get(child, ())))
-                    break
-            else:
-                stack.pop()
-                node = path.pop()
-                on_path.discard(node)
-                done.add(node)
-                order.append(node)
-    return order

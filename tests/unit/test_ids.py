@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+from functools import partial
 
 import pytest
 from hypothesis import given
@@ -43,19 +44,28 @@ def store(tmp_path):
 
 def test_a_unique_fragment_resolves_to_its_job(store):
     conn, _req, extract, _model, _report = store
-    assert [j.id for j in ids.resolve(conn, [extract.id[5:9].upper()], None)] == [extract.id]
+    assert [
+        j.id
+        for j in ids.resolve(partial(db_queries.search_ids, conn), [extract.id[5:9].upper()], None)
+    ] == [extract.id]
 
 
 def test_a_request_id_expands_to_all_its_jobs(store):
     conn, req, extract, model, _ = store
-    assert {j.id for j in ids.resolve(conn, [req.id], None)} == {extract.id, model.id}
-    assert {j.id for j in ids.resolve(conn, ["zzzz22"], None)} == {extract.id, model.id}
+    assert {j.id for j in ids.resolve(partial(db_queries.search_ids, conn), [req.id], None)} == {
+        extract.id,
+        model.id,
+    }
+    assert {j.id for j in ids.resolve(partial(db_queries.search_ids, conn), ["zzzz22"], None)} == {
+        extract.id,
+        model.id,
+    }
 
 
 def test_an_ambiguous_fragment_without_a_picker_lists_candidates(store):
     conn, *_ = store
     with pytest.raises(AmbiguousError) as info:
-        ids.resolve(conn, ["qqqq"], None)
+        ids.resolve(partial(db_queries.search_ids, conn), ["qqqq"], None)
     assert "aaaaqqqqzzzz2222" in str(info.value) and "bbbbqqqqyyyy3333" in str(info.value)
     assert info.value.exit_code == 4
 
@@ -68,23 +78,25 @@ def test_an_ambiguous_fragment_with_a_picker_takes_its_choice(store):
         seen.append((fragment, [t.id for t in targets]))
         return next(t for t in targets if t.id == "bbbbqqqqyyyy3333")
 
-    assert [j.id for j in ids.resolve(conn, ["qqqq"], choose)] == [report.id]
+    assert [j.id for j in ids.resolve(partial(db_queries.search_ids, conn), ["qqqq"], choose)] == [
+        report.id
+    ]
     assert seen and len(seen[0][1]) == 2
 
 
 def test_nothing_matching_is_exit_3(store):
     conn, *_ = store
     with pytest.raises(NoMatchError, match="No jobs found matching 'xyzxyz'") as info:
-        ids.resolve(conn, ["xyzxyz"], None)
+        ids.resolve(partial(db_queries.search_ids, conn), ["xyzxyz"], None)
     assert info.value.exit_code == 3
 
 
 def test_like_wildcards_are_literal(store):
     conn, *_ = store
     with pytest.raises(NoMatchError):
-        ids.resolve(conn, ["%%%"], None)
+        ids.resolve(partial(db_queries.search_ids, conn), ["%%%"], None)
     with pytest.raises(NoMatchError):
-        ids.resolve(conn, ["___"], None)
+        ids.resolve(partial(db_queries.search_ids, conn), ["___"], None)
 
 
 def test_short_fragments_are_a_usage_error():
@@ -104,7 +116,10 @@ def test_dash_reads_first_fields_from_stdin_skipping_header_and_blanks():
 def test_piped_ids_resolve_to_those_jobs(store):
     conn, _req, extract, _model, report = store
     fragments = ids.expand_args(["-"], io.StringIO(f"{extract.id}\n{report.id}\n"))
-    assert [j.id for j in ids.resolve(conn, fragments, None)] == [extract.id, report.id]
+    assert [j.id for j in ids.resolve(partial(db_queries.search_ids, conn), fragments, None)] == [
+        extract.id,
+        report.id,
+    ]
 
 
 @given(st.data())
