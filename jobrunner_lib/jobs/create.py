@@ -193,6 +193,9 @@ def plan_jobs(config: Config, conn: sqlite3.Connection, request: JobRequest) -> 
     latest = db_queries.latest_jobs_by_action(conn, request.workspace)
     decided: dict[str, Job] = {}
     new_jobs: list[Job] = []
+    # Each reusable action resolved once per name and tag in a request, however many actions
+    # use it (a real study runs one action 589 times): a few git calls, not a thousand.
+    reusable: ReusableCache = {}
     at = None
 
     def visit(action: str) -> Job:
@@ -210,7 +213,7 @@ def plan_jobs(config: Config, conn: sqlite3.Connection, request: JobRequest) -> 
         ):
             decided[action] = previous
             return previous
-        job = _new_action_job(config, pipeline, request, action, deps)
+        job = _new_action_job(config, pipeline, request, action, deps, reusable)
         at = job.created_at if at is None else at
         job.created_at = job.updated_at = at
         decided[action] = job
@@ -237,7 +240,12 @@ def plan_jobs(config: Config, conn: sqlite3.Connection, request: JobRequest) -> 
 
 
 def _new_action_job(
-    config: Config, pipeline: Pipeline, request: JobRequest, action: str, deps: list[Job]
+    config: Config,
+    pipeline: Pipeline,
+    request: JobRequest,
+    action: str,
+    deps: list[Job],
+    reusable: ReusableCache | None = None,
 ) -> Job:
     """A new job for one action: its command, inputs and what it waits for."""
     spec = pipeline.actions[action]
@@ -248,7 +256,7 @@ def _new_action_job(
     image = f"{spec.image}:{spec.tag}"
     if spec.image not in config.allowed_images:
         image, args, action_repo, action_commit = resolve_reusable_action(
-            config, action, spec.image, spec.tag, args
+            config, action, spec.image, spec.tag, args, reusable
         )
     args = _cohort_args(config, pipeline, spec, args)
     fields: dict[str, Any] = dict(
@@ -296,10 +304,35 @@ def _cohort_args(config: Config, pipeline: Pipeline, spec, args: list[str]) -> l
     return args
 
 
+# (name, tag) of a reusable action -> (its command's words, repo url, commit).
+ReusableCache = dict[tuple[str, str], tuple[list[str], str, str]]
+
+
 def resolve_reusable_action(
-    config: Config, action: str, image: str, tag: str, user_args: list[str]
+    config: Config,
+    action: str,
+    image: str,
+    tag: str,
+    user_args: list[str],
+    cache: ReusableCache | None = None,
 ) -> tuple[str, list[str], str, str]:
-    """Resolve `<image>:<tag>` as a reusable action (SPEC.md §5.9): (image, args, repo url, commit)."""
+    """Resolve `<image>:<tag>` as a reusable action (SPEC.md §5.9): (image, args, repo url, commit).
+
+    With a cache (one per request), each name and tag is looked up over the network once.
+    """
+    if cache is not None and (image, tag) in cache:
+        words, repo_url, commit = cache[(image, tag)]
+    else:
+        words, repo_url, commit = _resolve_reusable(config, action, image, tag)
+        if cache is not None:
+            cache[(image, tag)] = (words, repo_url, commit)
+    return words[0], [*words[1:], *user_args], repo_url, commit
+
+
+def _resolve_reusable(
+    config: Config, action: str, image: str, tag: str
+) -> tuple[list[str], str, str]:
+    """The command words of a reusable action's action.yaml, its repo url and commit."""
     where = f"in '{one_line(action, 100)}: {one_line(image, 60)}:{one_line(tag, 20)}'"
     # Before the URL is built: git would resolve `../other/act` to outside ACTIONS_BASE_URL.
     problem = image_name_problem(image)
@@ -345,4 +378,4 @@ def resolve_reusable_action(
         )
     if inner_image.startswith("cohortextractor") and words[1:2] == ["generate_cohort"]:
         raise ReusableActionError(f"{where}: re-usable actions cannot invoke cohortextractor")
-    return words[0], [*words[1:], *user_args], repo_url, commit
+    return words, repo_url, commit

@@ -228,3 +228,43 @@ def test_a_reusable_action_outside_actions_base_url_is_refused_and_nothing_is_fe
     assert len(fetches) == 1 and fetches[0].endswith(f"from {repo} (depth 1)")
     assert job_count(workdir) == 0
     assert sorted(p.name for p in (workdir / "repos").glob("*.git")) == ["study.git"]
+
+
+def many_reusable_actions(count: int, names: tuple[str, ...]) -> str:
+    """A project of `count` actions, each running one of the reusable actions `names`."""
+    lines = ['version: "5"', "actions:"]
+    for i in range(count):
+        lines += [
+            f"  a{i}:",
+            f"    run: {names[i % len(names)]}:v1 --n {i}",
+            "    outputs:",
+            "      moderately_sensitive:",
+            f"        table: output/table_{i}.csv",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def test_each_reusable_action_is_resolved_once_per_request_however_many_actions_use_it(
+    tmp_path,
+):
+    # The shape of a real study: 1 211 actions, 589 of them cox-ipw:v0.0.37 (here 60 and 2).
+    for name in ("act", "other"):
+        make_action_repo(tmp_path / "actions" / name)
+    repo, _ = make_study(tmp_path / "study", many_reusable_actions(60, ("act", "other")))
+    workdir = tmp_path / "workdir"
+    trace = tmp_path / "git-trace"
+    result = run(
+        "jr-add-job",
+        "--dry-run",
+        str(repo),
+        workdir=workdir,
+        ACTIONS_BASE_URL=(tmp_path / "actions").as_uri(),
+        GIT_TRACE=str(trace),
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 1 + 60  # the header and every action's job
+    calls = [line for line in trace.read_text().splitlines() if "trace: built-in: git" in line]
+    ls_remotes = [line for line in calls if "git ls-remote" in line and "/actions/" in line]
+    # Per reusable action: its tag, and its main branch (to check the tag is merged): 2 each.
+    assert len(ls_remotes) == 4, "\n".join(ls_remotes)
+    assert len(calls) < 40, f"{len(calls)} git calls for 60 actions"
