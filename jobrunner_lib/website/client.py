@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -28,6 +29,8 @@ JOB_REQUESTS_PATH = "job-requests/"
 JOBS_PATH = "jobs/"
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 MASK = "********"
+# How long past its deadline a call may take to finish by itself before it is abandoned.
+DEADLINE_GRACE = 0.5
 
 
 # The exceptions are JrErrors, so tools map them to STYLE.md exit codes without extra code:
@@ -116,17 +119,21 @@ class JobServerClient:
         self.backoff_factor = float(backoff_factor)
 
         import requests
-        from requests.adapters import HTTPAdapter
 
         self._requests = requests
-        self._session = requests.Session()
-        self._session.auth = _BareTokenAuth(token)
-        self._session.headers.update(
-            {"Accept": "application/json", "User-Agent": user_agent or f"jr/{__version__}"}
-        )
-        self._adapter = HTTPAdapter(max_retries=self._retry(None))
-        self._session.mount("http://", self._adapter)
-        self._session.mount("https://", self._adapter)
+        self._user_agent = user_agent or f"jr/{__version__}"
+        self._session, self._adapter = self._new_session()
+
+    def _new_session(self) -> tuple[Any, Any]:
+        from requests.adapters import HTTPAdapter
+
+        session = self._requests.Session()
+        session.auth = _BareTokenAuth(self._token)
+        session.headers.update({"Accept": "application/json", "User-Agent": self._user_agent})
+        adapter = HTTPAdapter(max_retries=self._retry(None))
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return session, adapter
 
     def __enter__(self) -> JobServerClient:
         return self
@@ -233,8 +240,12 @@ class JobServerClient:
         started = time.monotonic()
         exceptions = self._requests.exceptions
         try:
-            response = self._session.request(
-                method, url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+            response = self._within(
+                deadline,
+                f"{method} {shown}{jobs}",
+                lambda: self._session.request(
+                    method, url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+                ),
             )
         except (exceptions.InvalidURL, exceptions.InvalidSchema, exceptions.InvalidHeader) as exc:
             raise JobServerError(self._mask(f"{method} {shown}{jobs}: {_describe(exc)}")) from None
@@ -249,6 +260,37 @@ class JobServerClient:
         elapsed = time.monotonic() - started
         log.debug("%s %s%s -> %d in %.2fs", method, shown, jobs, response.status_code, elapsed)
         return response
+
+    def _within(self, deadline: float, what: str, call: Callable[[], Any]) -> Any:
+        """call() (connect, headers and the whole body), given up at the deadline.
+
+        Socket timeouts alone cannot do it: each one bounds a single wait, so a server that
+        sends a byte every few seconds keeps a call going for ever. The call runs in a thread
+        that is abandoned at the deadline (with the session it used: later calls get a new
+        one); jr-sync exits after its pass, which ends the thread.
+        """
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                outcome["response"] = call()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=run, name="jobs website call", daemon=True)
+        thread.start()
+        thread.join(max(0.0, deadline - time.monotonic()) + DEADLINE_GRACE)
+        if thread.is_alive():
+            stuck = self._session
+            self._session, self._adapter = self._new_session()
+            stuck.close()
+            raise JobServerUnavailable(
+                f"{what}: no complete answer within the {self.total_limit:g}s time limit "
+                "(the jobs website is slow or stalled)"
+            )
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["response"]
 
     def _check_status(self, response: requests.Response, method: str, url: str) -> None:
         status = response.status_code
