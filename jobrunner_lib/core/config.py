@@ -23,7 +23,13 @@ BACKEND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*[A-Za-z0-9]$")
 PLACEHOLDER_TOKENS = {"token", "changeme", "change-me", "placeholder", "xxx"}
 TRUTHY = {"true", "1", "yes", "on"}
 FALSY = {"false", "0", "no", "off", ""}
-DATABASE_NAMES = ("full", "slice", "dummy")
+# A database name from the jobs website (`default`, `include_t1oo`, or 2021's `full`, `slice`,
+# `dummy`) maps to the setting <NAME>_DATABASE_URL, so a new name needs no code change.
+DATABASE_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}")
+DATABASE_URL_SUFFIX = "_DATABASE_URL"
+# The names the jobs website is known to send (2021: full, slice, dummy; today: default,
+# include_t1oo). Any other name works the same way.
+DATABASE_NAMES = ("default", "include_t1oo", "full", "slice", "dummy")
 VOLUME_STORAGES = ("auto", "host", "docker")
 # The backend used for local runs on dummy data; jr's embedded mode keys its defaults off it.
 LOCAL_BACKEND = "expectations"
@@ -129,6 +135,15 @@ class Config:
     presto_tls_cert: str | None = None
     presto_tls_key: str | None = None
     stata_license: str | None = None
+
+    @property
+    def secrets(self) -> tuple[str | None, ...]:
+        """The settings that must never reach a log (logs.register_secret masks them)."""
+        return (
+            self.job_server_token,
+            self.private_repo_access_token,
+            *self.database_urls.values(),
+        )
 
     @property
     def db_path(self) -> Path:
@@ -350,11 +365,13 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
     )
 
     cpu_default = max(1, (os.cpu_count() or 2) - 1)
-    database_urls = {
-        name: env[f"{name.upper()}_DATABASE_URL"]
-        for name in DATABASE_NAMES
-        if env.get(f"{name.upper()}_DATABASE_URL", "").strip()
-    }
+    database_urls = database_urls_from(env)
+    if not dummy and not database_urls:
+        raise ConfigError(
+            "no database configured: a backend on real data (USING_DUMMY_DATA_BACKEND is false) "
+            "needs <NAME>_DATABASE_URL for each database name the jobs website sends, "
+            "e.g. DEFAULT_DATABASE_URL=mssql://..."
+        )
 
     cert_path, key_path = r.text("PRESTO_TLS_CERT_PATH"), r.text("PRESTO_TLS_KEY_PATH")
     if bool(cert_path) != bool(key_path):
@@ -444,14 +461,52 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
     )
 
 
+def database_urls_from(env: Mapping[str, str]) -> dict[str, str]:
+    """name -> URL for every non-empty <NAME>_DATABASE_URL (the name lower-cased)."""
+    found = {}
+    for key, value in env.items():
+        name = key[: -len(DATABASE_URL_SUFFIX)]
+        if key.endswith(DATABASE_URL_SUFFIX) and DATABASE_NAME_RE.fullmatch(name) and value.strip():
+            found[name.lower()] = value.strip()
+    return found
+
+
+def database_name_problem(name: str) -> str | None:
+    """Why a database name from the jobs website cannot name a setting, or None."""
+    if not DATABASE_NAME_RE.fullmatch(name or ""):
+        return "it must be a letter then letters, digits or '_', at most 63 characters"
+    return None
+
+
 def daemon_shares_files(env: Mapping[str, str]) -> bool:
     """Whether the Docker daemon sees this machine's files: Linux, talking to a local socket.
 
     Docker Desktop (Windows, macOS) runs the daemon in a virtual machine, and DOCKER_HOST may
     name another machine: there a volume's files can only go through the daemon's archive API.
     """
-    host = env.get("DOCKER_HOST") or os.environ.get("DOCKER_HOST") or "unix://"
-    return sys.platform.startswith("linux") and host.startswith("unix://")
+    return sys.platform.startswith("linux") and docker_host(env).startswith("unix://")
+
+
+def docker_host(env: Mapping[str, str] | None = None) -> str:
+    """Where the Docker client looks for the daemon: DOCKER_HOST (from `env`, e.g. `.env`, then
+    the environment), else the platform's default socket or named pipe."""
+    host = (env or {}).get("DOCKER_HOST") or os.environ.get("DOCKER_HOST")
+    if host:
+        return host
+    return "npipe:////./pipe/docker_engine" if os.name == "nt" else "unix:///var/run/docker.sock"
+
+
+def user_name() -> str:
+    """Who runs a tool: JR_USER, else the login name, else `unknown`."""
+    user = os.environ.get("JR_USER")
+    if user:
+        return user
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no login name is not worth failing for
+        return "unknown"
 
 
 def _stats_file(env: Mapping[str, str], value: str | None, workdir: Path) -> Path | None:

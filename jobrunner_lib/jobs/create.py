@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobrunner_lib.core.config import Config
+from jobrunner_lib.core.config import Config, database_name_problem
 from jobrunner_lib.core.ids import job_id
 from jobrunner_lib.core.models import (
     ERROR_ACTION,
@@ -97,8 +97,11 @@ def validate_request(config: Config, request: JobRequest) -> None:
             f"Invalid workspace name (allowed are alphanumeric, dash and underscore): "
             f"{request.workspace!r}"
         )
+    problem = database_name_problem(request.database_name)
+    if problem and not config.using_dummy_data_backend:
+        raise JobRequestError(f"Database name {request.database_name!r} is invalid: {problem}")
     if not config.using_dummy_data_backend:
-        if request.database_name not in config.database_urls:
+        if request.database_name.lower() not in config.database_urls:
             raise JobRequestError(
                 f"Database name {request.database_name!r} is not currently defined for "
                 f"backend {config.backend!r}"

@@ -100,7 +100,7 @@ def job_environment(config: Config, job: Job, image: str) -> dict[str, str]:
     """The job's environment (SPEC.md §6.5): secrets only where the job needs them."""
     env = {"OPENSAFELY_BACKEND": config.backend}
     if job.requires_db and not config.using_dummy_data_backend:
-        url = config.database_urls.get(job.database_name or "")
+        url = config.database_urls.get((job.database_name or "").lower())
         if not url:
             raise JobError(f"Database {job.database_name} is not configured on this backend")
         env["DATABASE_URL"] = url

@@ -39,6 +39,7 @@ def test_production_backend_gets_spec_defaults(tmp_path):
         BACKEND="tpp",
         JOB_SERVER_ENDPOINT="https://jobs.example.org/api/v2",
         JOB_SERVER_TOKEN="s3cret-token",
+        DEFAULT_DATABASE_URL="mssql://db/default",
     )
     assert config.using_dummy_data_backend is False
     assert config.allow_local_repos is False
@@ -51,7 +52,9 @@ def test_production_backend_gets_spec_defaults(tmp_path):
 def test_dotenv_is_read_and_real_environment_wins(tmp_path):
     env_file = tmp_path / ".env"
     env_file.write_text("BACKEND=fromfile\nPOLL_INTERVAL=7\nWORKDIR=relative/work\n")
-    config = load_config(environ={"BACKEND": "fromenv"}, env_file=env_file)
+    config = load_config(
+        environ={"BACKEND": "fromenv", "DEFAULT_DATABASE_URL": "mssql://db"}, env_file=env_file
+    )
     assert config.backend == "fromenv"
     assert config.poll_interval == 7.0
     assert config.workdir.is_absolute() and config.workdir.parts[-2:] == ("relative", "work")
@@ -192,3 +195,26 @@ def test_stats_default_to_the_workdir_and_can_be_turned_off(tmp_path):
         cfg(tmp_path, STATS_DATABASE_FILE=str(tmp_path / "s.db")).stats_database_file
         == tmp_path / "s.db"
     )
+
+
+def test_any_database_name_maps_to_its_upper_cased_setting(tmp_path):
+    # Today's jobs website sends `default` and `include_t1oo`; 2021's sent full/slice/dummy.
+    config = cfg(
+        tmp_path,
+        BACKEND="tpp",
+        DEFAULT_DATABASE_URL="mssql://db/default",
+        INCLUDE_T1OO_DATABASE_URL="mssql://db/t1oo",
+        FULL_DATABASE_URL=" ",  # blank: not configured
+        **{"BAD-NAME_DATABASE_URL": "x", "_DATABASE_URL": "y"},
+    )
+    assert config.database_urls == {
+        "default": "mssql://db/default",
+        "include_t1oo": "mssql://db/t1oo",
+    }
+
+
+def test_a_real_data_backend_without_any_database_url_is_a_configuration_error(tmp_path):
+    with pytest.raises(ConfigError, match="no database configured.*DEFAULT_DATABASE_URL"):
+        cfg(tmp_path, BACKEND="tpp", USING_DUMMY_DATA_BACKEND="false")
+    # A dummy-data backend needs none.
+    assert cfg(tmp_path, BACKEND="tpp", USING_DUMMY_DATA_BACKEND="true").database_urls == {}

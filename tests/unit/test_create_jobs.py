@@ -225,7 +225,8 @@ def test_local_repos_are_refused_on_a_production_backend(setup, tmp_path):
 def test_database_must_be_configured_on_a_real_backend(setup, tmp_path):
     _config, _conn, _repo, sha = setup
     prod = load_config(
-        environ={"BACKEND": "tpp", "WORKDIR": str(tmp_path / "w")}, env_file=tmp_path / "none"
+        environ={"BACKEND": "tpp", "WORKDIR": str(tmp_path / "w"), "DEFAULT_DATABASE_URL": "x"},
+        env_file=tmp_path / "none",
     )
     req = make_request(actions=["x"], repo_url="https://github.com/opensafely/study", commit=sha)
     req.database_name = "full"
@@ -254,3 +255,28 @@ def test_a_reusable_action_name_that_is_not_plain_is_refused_before_any_git_call
     assert str(info.value) == (
         f"in 'km\\nx: {shown}:v1': `{shown}` is not a valid reusable action name: {IMAGE_NAME_RULE}"
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [("default", True), ("include_t1oo", True), ("INCLUDE_T1OO", True), ("full", False),
+     ("../x", False), ("", False)],
+)  # fmt: skip
+def test_a_request_names_its_database_by_any_configured_name(setup, tmp_path, name, ok):
+    _config, _conn, _repo, sha = setup
+    prod = load_config(
+        environ={
+            "BACKEND": "tpp",
+            "WORKDIR": str(tmp_path / "w"),
+            "DEFAULT_DATABASE_URL": "mssql://d",
+            "INCLUDE_T1OO_DATABASE_URL": "mssql://t",
+        },
+        env_file=tmp_path / "none",
+    )
+    req = make_request(actions=["x"], repo_url="https://github.com/opensafely/study", commit=sha)
+    req.database_name = name
+    if ok:
+        validate_request(prod, req)
+    else:
+        with pytest.raises(JobRequestError, match=f"Database name {name!r} is"):
+            validate_request(prod, req)

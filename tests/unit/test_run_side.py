@@ -214,7 +214,7 @@ def test_database_job_on_real_backend_gets_url_and_database_network():
         "TEMP_DATABASE_NAME": "tmp",
     }
     assert job_network(cfg, job(requires_db=True)) == "dbnet"
-    assert job_network(config(BACKEND="tpp"), job(requires_db=True)) == "bridge"
+    assert job_network(config(BACKEND="tpp", X_DATABASE_URL="u"), job(requires_db=True)) == "bridge"
     assert job_network(cfg, job(requires_db=False)) == "none"
     assert "DATABASE_URL" not in job_environment(cfg, job(), "python:v1")
 
