@@ -109,6 +109,8 @@ def _client(config: Config) -> JobServerClient:
 def _tool_error(exc: JobServerError) -> Exception:
     """The one line (and exit code) an operator sees for a failed pass."""
     if isinstance(exc, JobServerUnavailable):
+        if exc.status_code is not None:  # it answered: reachable, but failing
+            return TemporaryFailure(f"{exc}; will retry")
         return TemporaryFailure(f"the jobs website is unreachable ({exc}); will retry")
     if isinstance(exc, JobServerBadResponse):
         return OperationFailed(

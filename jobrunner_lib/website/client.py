@@ -47,6 +47,10 @@ class JobServerAuthError(JobServerError, ConfigError):
     """The website refused the token (401/403): a configuration error."""
 
 
+class JobServerMisconfigured(JobServerError, ConfigError):
+    """JOB_SERVER_ENDPOINT does not lead to the API (404, a redirect, TLS against plain HTTP)."""
+
+
 class JobServerUnavailable(JobServerError, TemporaryFailure):
     """Unreachable, timed out, 5xx after retries, or over the overall time limit: retry later."""
 
@@ -249,6 +253,15 @@ class JobServerClient:
             )
         except (exceptions.InvalidURL, exceptions.InvalidSchema, exceptions.InvalidHeader) as exc:
             raise JobServerError(self._mask(f"{method} {shown}{jobs}: {_describe(exc)}")) from None
+        except exceptions.SSLError as exc:
+            # Not a passing fault: an https URL for a plain-HTTP server, or a certificate this
+            # host does not trust. Retrying every pass would only hide it.
+            raise JobServerMisconfigured(
+                self._mask(
+                    f"{method} {shown}{jobs}: TLS failed ({_describe(exc)}); check "
+                    "JOB_SERVER_ENDPOINT (http or https?) and the server's certificate"
+                )
+            ) from None
         except exceptions.RequestException as exc:
             elapsed = time.monotonic() - started
             message = self._mask(
@@ -307,14 +320,22 @@ class JobServerClient:
                 status_code=status,
             )
         if status >= 500:
+            # It answers, so it is reachable: the website itself is failing (temporary for us).
             raise JobServerUnavailable(
-                f"{where}: the jobs website answered {status} (after up to {self.retries} retries)",
+                f"{where}: the jobs website is erroring: it answered {status} "
+                f"(after up to {self.retries} retries): {self._snippet(response)}",
                 status_code=status,
             )
         if 300 <= status < 400:
             location = self._display(response.headers.get("Location", "?"))
-            raise JobServerError(
+            raise JobServerMisconfigured(
                 f"{where}: redirected ({status}) to {location}; check JOB_SERVER_ENDPOINT",
+                status_code=status,
+            )
+        if status == 404:
+            raise JobServerMisconfigured(
+                f"{where}: not found (404): {self._snippet(response)}; check JOB_SERVER_ENDPOINT "
+                "(the API's base URL, e.g. https://jobs.opensafely.org/api/v2/)",
                 status_code=status,
             )
         raise JobServerError(

@@ -1,4 +1,7 @@
-"""A jobs website that drip-feeds its answer cannot hold a call past its time limit (issue 17.6).
+"""The jobs website's answers as the deployed one gives them (issue 17): a drip-fed answer cannot
+hold a call past its time limit, and a wrong endpoint is a configuration error, not "retry later".
+
+A drip-fed answer (17.6):
 
 Socket timeouts bound each wait, so a server sending one byte every half second never trips
 them; the client's deadline must hold over the whole call: connect, headers and body. The
@@ -8,14 +11,16 @@ by itself.
 
 from __future__ import annotations
 
+import http.server
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from jobrunner_lib.website.client import JobServerClient, JobServerUnavailable
+from tests.support.cli import run
 
 BODY = b'{"results": [], "next": null}'
 
@@ -86,3 +91,74 @@ def test_a_drip_fed_answer_is_given_up_at_the_time_limit(drip):
     # The limit plus the grace, not the minutes the drip would take (read timeout is 30 s).
     assert elapsed < 10, elapsed  # the drip alone would take 27 s (headers) or hours (body)
     client.close()
+
+
+# ---- answers that are a configuration error, not a passing fault (issue 17.7) ----------------
+
+
+class Answer(http.server.BaseHTTPRequestHandler):
+    """Answers every request with the status and body of the server it belongs to."""
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        status, body = self.server.answer  # type: ignore[attr-defined]
+        self.send_response(status)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_GET
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def answering() -> Iterator[Callable[[int, bytes], str]]:
+    """A plain-HTTP server on loopback; set its answer, get its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    server.answer = (200, b"{}")  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    def answer(status: int, body: bytes) -> str:
+        server.answer = (status, body)  # type: ignore[attr-defined]
+        return f"127.0.0.1:{server.server_address[1]}"
+
+    yield answer
+    server.shutdown()
+    server.server_close()
+
+
+def jr_sync(tmp_path, endpoint: str):
+    return run(
+        "jr-sync",
+        workdir=tmp_path / "workdir",
+        BACKEND="tpp",
+        USING_DUMMY_DATA_BACKEND="true",
+        JOB_SERVER_ENDPOINT=endpoint,
+        JOB_SERVER_TOKEN="a-real-looking-token",
+        SYNC_TIME_LIMIT="10",
+    )
+
+
+def test_an_endpoint_answering_404_html_is_a_configuration_error(tmp_path, answering):
+    host = answering(404, b"<html><body><h1>Not Found</h1></body></html>")
+    result = jr_sync(tmp_path, f"http://{host}/wrong/")
+    assert result.returncode == 78, result.stderr
+    assert "not found (404)" in result.stderr and "check JOB_SERVER_ENDPOINT" in result.stderr
+
+
+def test_tls_against_a_plain_http_server_is_a_configuration_error(tmp_path, answering):
+    host = answering(200, b'{"results": [], "next": null}')
+    result = jr_sync(tmp_path, f"https://{host}/api/v2/")
+    assert result.returncode == 78, result.stderr
+    assert "TLS failed" in result.stderr and "check JOB_SERVER_ENDPOINT" in result.stderr
+
+
+def test_a_5xx_answer_says_the_website_is_erroring_and_is_temporary(tmp_path, answering):
+    host = answering(502, b"<html>Bad Gateway</html>")
+    result = jr_sync(tmp_path, f"http://{host}/api/v2/")
+    assert result.returncode == 75, result.stderr
+    assert "the jobs website is erroring: it answered 502" in result.stderr
+    assert "unreachable" not in result.stderr
