@@ -17,7 +17,7 @@ from typing import overload
 from jobrunner_lib.core.errors import ConfigError
 
 # The checkout: where `.env`, `job-resource-weights.ini` and the default workdir live.
-CHECKOUT_DIR = Path(__file__).resolve().parent.parent
+CHECKOUT_DIR = Path(__file__).resolve().parents[2]  # jobrunner_lib/core/config.py
 
 BACKEND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*[A-Za-z0-9]$")
 PLACEHOLDER_TOKENS = {"token", "changeme", "change-me", "placeholder", "xxx"}

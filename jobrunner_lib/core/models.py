@@ -7,7 +7,6 @@ SPEC.md §3.4 does not allow (IllegalTransition is a bug, exit 70).
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -54,6 +53,7 @@ class StatusCode(str, Enum):
     INTERNAL_ERROR = "internal_error"
     KILLED_BY_ADMIN = "killed_by_admin"
     JOB_ERROR = "job_error"
+    STALE_CODELISTS = "stale_codelists"
 
 
 class Msg:
@@ -181,11 +181,6 @@ class Job:
         """The repo name (last URL segment without `.git`)."""
         return project_name(self.repo_url)
 
-    @property
-    def slug(self) -> str:
-        """`<project>-<action>-<id>`, lower-case ASCII, as the old backend named things."""
-        return make_slug(f"{self.project}-{self.action}-{self.id}")
-
     def copy(self, **changes: Any) -> Job:
         """A copy with some fields changed (jobs are treated as values)."""
         return dataclasses.replace(self, **changes)
@@ -195,13 +190,6 @@ def project_name(repo_url: str) -> str:
     """Last path segment of a repo URL or path, without `.git`."""
     name = repo_url.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
     return name[:-4] if name.endswith(".git") else name
-
-
-def make_slug(text: str) -> str:
-    """Lower-case ASCII with runs of separators collapsed to `-` (SPEC.md §3.2)."""
-    text = text.encode("ascii", "ignore").decode().lower()
-    text = re.sub(r"[^a-z0-9_\- ]", "", text)
-    return re.sub(r"[-_\s]+", "-", text).strip("-")
 
 
 def transition(

@@ -52,6 +52,11 @@ class ReusableActionError(JobRequestError):
     """A reusable action could not be resolved."""
 
 
+class StaleCodelistError(JobRequestError):
+    """The website says the workspace's codelists are out of date and a database action would
+    run: the whole request fails (status code stale_codelists), as the upstream runner does."""
+
+
 class RetryLater(Exception):
     """Network trouble (git): nothing was written; try the request again on a later pass."""
 
@@ -117,6 +122,9 @@ def handle_request(config: Config, conn: sqlite3.Connection, request: JobRequest
         error = None
     except (git.GitNetworkError, RetryLater) as exc:
         raise RetryLater(str(exc)) from exc
+    except StaleCodelistError as exc:
+        error = str(exc)
+        jobs = [_error_job(request, error, StatusCode.STALE_CODELISTS)]
     except (JobRequestError, ProjectValidationError, git.GitError) as exc:
         error = f"{type(exc).__name__}: {exc}"
         jobs = [_error_job(request, error)]
@@ -142,9 +150,9 @@ def record_jobs(
         log.info("Created %d new jobs", len(created), extra={"req": request.id})
 
 
-def _error_job(request: JobRequest, message: str) -> Job:
+def _error_job(request: JobRequest, message: str, code: StatusCode | None = None) -> Job:
     return new_job(
-        job_id(request.id, ERROR_ACTION), request, ERROR_ACTION, State.FAILED, None, message
+        job_id(request.id, ERROR_ACTION), request, ERROR_ACTION, State.FAILED, code, message
     )
 
 
@@ -225,6 +233,13 @@ def plan_jobs(config: Config, conn: sqlite3.Connection, request: JobRequest) -> 
 
     for action in targets:
         visit(action)
+    if not request.codelists_ok:
+        for job in new_jobs:
+            if pipeline.actions[job.action].is_database_action:
+                raise StaleCodelistError(
+                    f"Codelists are out of date (required by action {one_line(job.action, 100)}): "
+                    "update them (opensafely codelists update), commit, and run the request again"
+                )
     if not new_jobs:
         if all(decided[a].state is State.SUCCEEDED for a in targets):
             first = request.requested_actions[0]

@@ -218,3 +218,11 @@ def test_a_real_data_backend_without_any_database_url_is_a_configuration_error(t
         cfg(tmp_path, BACKEND="tpp", USING_DUMMY_DATA_BACKEND="false")
     # A dummy-data backend needs none.
     assert cfg(tmp_path, BACKEND="tpp", USING_DUMMY_DATA_BACKEND="true").database_urls == {}
+
+
+def test_the_checkout_dir_is_the_repository_root():
+    # Workers put it on PYTHONPATH: jobrunner_lib/ there would shadow the Docker SDK (`docker`).
+    from jobrunner_lib.core.config import CHECKOUT_DIR
+
+    assert (CHECKOUT_DIR / "bin" / "jr-ls").is_file()
+    assert (CHECKOUT_DIR / "jobrunner_lib" / "__init__.py").is_file()

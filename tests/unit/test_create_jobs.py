@@ -280,3 +280,47 @@ def test_a_request_names_its_database_by_any_configured_name(setup, tmp_path, na
     else:
         with pytest.raises(JobRequestError, match=f"Database name {name!r} is"):
             validate_request(prod, req)
+
+
+DB_PROJECT = """\
+version: "5"
+actions:
+  dataset:
+    run: ehrql:v1 generate-dataset analysis/dataset.py --output output/dataset.csv
+    outputs:
+      highly_sensitive:
+        data: output/dataset.csv
+  tables:
+    run: python:v1 analysis/tables.py
+    outputs:
+      moderately_sensitive:
+        table: output/table.csv
+"""
+
+
+@pytest.mark.parametrize(
+    ("actions", "stale"), [(["dataset"], True), (["run_all"], True), (["tables"], False)]
+)
+def test_stale_codelists_fail_a_request_that_runs_a_database_action(
+    setup, tmp_path, actions, stale
+):
+    _config, conn, _repo, _sha = setup
+    config = load_config(
+        environ={"WORKDIR": str(tmp_path / "workdir"), "ALLOWED_IMAGES": "python,ehrql"},
+        env_file=tmp_path / "none",
+    )
+    repo, sha = make_study(tmp_path / "dbstudy", DB_PROJECT, {"analysis/tables.py": "x\n"})
+    outcome = handle_request(config, conn, request(repo, sha, actions, codelists_ok=False))
+    if stale:
+        (job,) = outcome.jobs
+        assert (job.action, job.state, job.status_code) == (
+            "__error__",
+            State.FAILED,
+            StatusCode.STALE_CODELISTS,
+        )
+        assert job.status_message.startswith(
+            "Codelists are out of date (required by action dataset): update them"
+        )
+    else:  # a request that runs no database action is not affected
+        assert [j.action for j in outcome.jobs] == ["tables"]
+        assert outcome.jobs[0].state is State.PENDING

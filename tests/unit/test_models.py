@@ -13,7 +13,6 @@ from jobrunner_lib.core.models import (
     JobRequest,
     State,
     StatusCode,
-    make_slug,
     new_job,
     project_name,
     transition,
@@ -81,6 +80,5 @@ def test_new_final_job_has_all_timestamps():
     assert created.project == "study"
 
 
-def test_slug_and_project_name():
+def test_project_name_is_the_repo_name_without_git():
     assert project_name("https://github.com/opensafely/Covid-Vax.git") == "Covid-Vax"
-    assert make_slug("Covid Vax--extract__ALL  ü-abcd") == "covid-vax-extract-all-abcd"
