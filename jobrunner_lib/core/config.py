@@ -1,4 +1,4 @@
-"""Configuration from the environment and `.env` (SPEC.md §1), validated once, as one frozen object.
+"""Configuration from the environment and `.env` (docs/reference.md#configuration), validated once, as one frozen object.
 
 A real environment variable wins over `.env`. Every problem names the variable and the form it
 expects, and stops the tool with exit 78 (ConfigError).
@@ -13,12 +13,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import overload
+from urllib.parse import urlsplit
 
 from jobrunner_lib.core.errors import ConfigError
 
 # The checkout: where `.env`, `job-resource-weights.ini` and the default workdir live.
 CHECKOUT_DIR = Path(__file__).resolve().parents[2]  # jobrunner_lib/core/config.py
 
+# A bare host (a name, IPv4, or [IPv6]) with an optional port: the git proxy replaces github.com.
+PROXY_HOST_RE = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?"
+)
 BACKEND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*[A-Za-z0-9]$")
 PLACEHOLDER_TOKENS = {"token", "changeme", "change-me", "placeholder", "xxx"}
 TRUTHY = {"true", "1", "yes", "on"}
@@ -110,6 +115,7 @@ class Config:
     allowed_github_orgs: tuple[str, ...] = ("opensafely",)
     allow_local_repos: bool = True
     git_proxy_host: str | None = None
+    git_proxy_scheme: str = "https"
     actions_base_url: str = "https://github.com/opensafely-actions"
     max_workers: float = 1.0
     job_resource_weights_file: Path = CHECKOUT_DIR / "job-resource-weights.ini"
@@ -328,7 +334,7 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
                 "JOB_SERVER_ENDPOINT=https://jobs.opensafely.org/api/v2/"
             )
         endpoint = endpoint.rstrip("/") + "/"
-        # An empty token makes the website hand out every backend's work (SPEC.md §4.7).
+        # An empty token makes the website hand out every backend's work (docs/reference.md#jobs-website).
         if token is None or token.strip() == "":
             raise ConfigError(
                 "JOB_SERVER_TOKEN is empty: set it to this backend's token from the jobs website"
@@ -365,6 +371,28 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
     )
 
     cpu_default = max(1, (os.cpu_count() or 2) - 1)
+    proxy_host = r.text("GIT_PROXY_HOST", None if local else "github-proxy.opensafely.org")
+    if proxy_host is not None and not PROXY_HOST_RE.fullmatch(proxy_host):
+        hint = (
+            f" (without the scheme: GIT_PROXY_HOST={urlsplit(proxy_host).netloc}"
+            + (
+                ", and GIT_PROXY_SCHEME=http for a plain-HTTP proxy)"
+                if proxy_host.startswith("http:")
+                else ")"
+            )
+            if "://" in proxy_host
+            else ""
+        )
+        raise ConfigError(
+            f"GIT_PROXY_HOST={proxy_host!r} is not a host name: expected host or host:port, "
+            f"e.g. GIT_PROXY_HOST=github-proxy.opensafely.org{hint}"
+        )
+    proxy_scheme = (r.text("GIT_PROXY_SCHEME", "https")).lower()
+    if proxy_scheme not in ("https", "http"):
+        raise ConfigError(
+            f"GIT_PROXY_SCHEME={proxy_scheme!r} is invalid: expected https (the default) or http"
+        )
+
     database_urls = database_urls_from(env)
     if not dummy and not database_urls:
         raise ConfigError(
@@ -420,7 +448,8 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
         private_repo_access_token=r.text("PRIVATE_REPO_ACCESS_TOKEN"),
         allowed_github_orgs=orgs,
         allow_local_repos=r.flag("ALLOW_LOCAL_REPOS", local),
-        git_proxy_host=r.text("GIT_PROXY_HOST", None if local else "github-proxy.opensafely.org"),
+        git_proxy_host=proxy_host,
+        git_proxy_scheme=proxy_scheme,
         actions_base_url=(
             r.text("ACTIONS_BASE_URL", "https://github.com/opensafely-actions") or ""
         ).rstrip("/"),

@@ -57,11 +57,12 @@ def repo_name(repo_url: str) -> str:
     return name
 
 
-def fetch_url(repo_url: str, proxy_host: str | None) -> str:
-    """URL to fetch from: `https://github.com/...` goes through the proxy host when one is set."""
+def fetch_url(repo_url: str, proxy_host: str | None, proxy_scheme: str = "https") -> str:
+    """URL to fetch from: `https://github.com/...` goes through the proxy host when one is set
+    (over plain HTTP only where GIT_PROXY_SCHEME=http says so)."""
     parts = urlsplit(repo_url)
     if proxy_host and parts.scheme == "https" and parts.hostname == "github.com":
-        return urlunsplit(parts._replace(netloc=proxy_host))
+        return urlunsplit(parts._replace(scheme=proxy_scheme, netloc=proxy_host))
     if _is_local(repo_url):
         # git runs elsewhere (in the bare repo), so relative paths must be made absolute
         return str(Path(repo_url).resolve())
@@ -83,7 +84,8 @@ def _is_local(repo_url: str) -> bool:
 def _auth_env(
     fetch_url: str, token: str | None, backend: str, proxy_host: str | None
 ) -> dict[str, str]:
-    """Environment that gives git our token, only for https to the proxy host."""
+    """Environment that gives git our token, only for https to the proxy host (never in clear
+    over a plain-HTTP proxy)."""
     parts = urlsplit(fetch_url)
     if not (token and proxy_host and parts.scheme == "https" and parts.netloc == proxy_host):
         return {}
@@ -157,12 +159,15 @@ class Access:
     backend: str = "expectations"
     proxy_host: str | None = None
     retry_delay: float = 4.0
+    proxy_scheme: str = "https"
 
     @classmethod
     def for_repo(cls, config: Config, repo_url: str) -> Access:
         """This backend's access to repo_url: its token only for hosted repos, its proxy."""
         token = None if is_local_repo(repo_url) else config.private_repo_access_token
-        return cls(token, config.backend, config.git_proxy_host)
+        return cls(
+            token, config.backend, config.git_proxy_host, proxy_scheme=config.git_proxy_scheme
+        )
 
 
 def is_local_repo(repo_url: str) -> bool:
@@ -187,7 +192,7 @@ class _Remote:
 
     @property
     def url(self) -> str:
-        return fetch_url(self.repo_url, self.proxy_host)
+        return fetch_url(self.repo_url, self.proxy_host, self.access.proxy_scheme)
 
     @property
     def shown(self) -> str:

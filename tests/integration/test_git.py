@@ -1,6 +1,7 @@
 """runner.py and repos.py against real git and real repos made here, with both process runners."""
 
 import base64
+import dataclasses
 import http.server
 import logging
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from jobrunner_lib.core.config import load_config
 from jobrunner_lib.git import repos as git_repos
 from jobrunner_lib.git import runner as git
 
@@ -502,3 +504,27 @@ def test_a_fetched_commit_is_archived_with_one_git_process_packed_marker_or_not(
     with git_repos.archive(repo, commit) as stream:
         assert tarfile.open(fileobj=stream, mode="r|").getnames() == expected
     assert [args[0] for args in calls] == ["rev-parse", "cat-file"]
+
+
+def test_a_plain_http_proxy_is_an_explicit_setting_and_never_gets_the_token(http_server, tmp_path):
+    # GIT_PROXY_SCHEME=http: github.com URLs go to http://<proxy>/..., without the token (it
+    # would cross the network in clear); https stays the default.
+    port, seen = http_server
+    config = load_config(
+        environ={
+            "WORKDIR": str(tmp_path / "w"),
+            "GIT_PROXY_HOST": f"127.0.0.1:{port}",
+            "GIT_PROXY_SCHEME": "http",
+            "PRIVATE_REPO_ACCESS_TOKEN": TOKEN,
+        },
+        env_file=tmp_path / "none",
+    )
+    url = "https://github.com/opensafely/study"
+    access = git_repos.Access.for_repo(config, url)
+    assert git_repos.fetch_url(url, access.proxy_host, access.proxy_scheme) == (
+        f"http://127.0.0.1:{port}/opensafely/study"
+    )
+    with pytest.raises(git.GitError):
+        git_repos.resolve_ref(url, "main", access=dataclasses.replace(access, retry_delay=0))
+    assert seen and {host for host, _ in seen} == {f"127.0.0.1:{port}"}
+    assert {auth for _, auth in seen} == {None}

@@ -226,3 +226,28 @@ def test_the_checkout_dir_is_the_repository_root():
 
     assert (CHECKOUT_DIR / "bin" / "jr-ls").is_file()
     assert (CHECKOUT_DIR / "jobrunner_lib" / "__init__.py").is_file()
+
+
+@pytest.mark.parametrize(
+    ("value", "hint"),
+    [
+        ("http://proxy.example.org", "GIT_PROXY_HOST=proxy.example.org, and GIT_PROXY_SCHEME=http"),
+        ("https://proxy.example.org:8443/", "GIT_PROXY_HOST=proxy.example.org:8443)"),
+        ("proxy example", "expected host or host:port"),
+        ("proxy.example.org/path", "expected host or host:port"),
+    ],
+)
+def test_git_proxy_host_is_a_bare_host_not_a_url(tmp_path, value, hint):
+    with pytest.raises(ConfigError, match="GIT_PROXY_HOST=") as exc:
+        cfg(tmp_path, GIT_PROXY_HOST=value)
+    assert hint in str(exc.value)
+    assert exc.value.exit_code == EXIT_CONFIG
+
+
+@pytest.mark.parametrize("value", ["github-proxy.opensafely.org", "10.0.0.5:3128", "[::1]:8080"])
+def test_git_proxy_host_accepts_host_and_port(tmp_path, value):
+    assert cfg(tmp_path, GIT_PROXY_HOST=value).git_proxy_host == value
+    assert cfg(tmp_path, GIT_PROXY_HOST=value).git_proxy_scheme == "https"
+    assert cfg(tmp_path, GIT_PROXY_HOST=value, GIT_PROXY_SCHEME="HTTP").git_proxy_scheme == "http"
+    with pytest.raises(ConfigError, match="GIT_PROXY_SCHEME='ftp' is invalid"):
+        cfg(tmp_path, GIT_PROXY_HOST=value, GIT_PROXY_SCHEME="ftp")
