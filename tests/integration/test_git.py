@@ -149,11 +149,12 @@ def test_file_urls_and_relative_paths_share_one_bare_repo(study, tmp_path, monke
 def test_two_processes_fetching_the_same_repo_both_succeed(study, tmp_path, backend):
     commit = sha(study, "main~3")
     script = (
-        "import sys; from pathlib import Path; from jobrunner_lib import git, git_repos; "
+        "import sys; from pathlib import Path; "
+        "from jobrunner_lib.git import runner as git, repos as git_repos; "
         f"git._USE_SH = {backend == 'sh'}; "
         "print(git_repos.ensure_commit(sys.argv[1], sys.argv[2], repos_dir=Path(sys.argv[3])))"
     )
-    env = dict(os.environ, PYTHONPATH=str(Path(git.__file__).parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(git.__file__).parents[2]))
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", script, str(study), commit, str(tmp_path / "repos")],
