@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import getpass
-import os
 import re
 import time
 from pathlib import Path
 
+from jobrunner_lib.core.config import user_name
 from jobrunner_lib.core.errors import OperationFailed, TemporaryFailure, UsageError
 from jobrunner_lib.core.ids import new_request_id
-from jobrunner_lib.core.models import RUN_ALL, JobRequest
+from jobrunner_lib.core.models import RUN_ALL, JobRequest, iso
 from jobrunner_lib.git import repos as git_repos
 from jobrunner_lib.git import runner as git
 from jobrunner_lib.jobs.create import (
@@ -23,7 +22,6 @@ from jobrunner_lib.jobs.create import (
 from jobrunner_lib.pipeline.project import ProjectValidationError
 
 from .common import Context, Tool, run_tool
-from .formats import iso
 
 COLUMNS = ["id", "request", "workspace", "action", "state", "status_code", "status_message"]
 
@@ -92,7 +90,7 @@ class AddJob(Tool):
             raise UsageError(f"--commit {commit!r}: give the full 40-character sha")
         actions = args.actions or [RUN_ALL]
         request_id = new_request_id()
-        user = os.environ.get("JR_USER") or _user()
+        user = user_name()
         original = {
             "identifier": request_id,
             "sha": commit,
@@ -165,13 +163,6 @@ class AddJob(Tool):
                 raise UsageError(f"repository {repo!r} does not exist")
             return str(path)
         return repo
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no user name is not worth failing for
-        return "unknown"
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """What every jr tool shares: flags, ID resolution, confirmation, exit codes.
 
 A tool is a subclass of `Tool` that declares its arguments and implements `run()`; `Tool.main()`
-owns configuration, logging and the mapping of every error to STYLE.md's exit codes. The output
+owns configuration, logging and the mapping of every error to its exit code (docs/architecture.md#errors-and-exit-codes). The output
 formats, and the ages and times in them, are formats.py's.
 """
 
@@ -26,17 +26,16 @@ from jobrunner_lib.core.errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_OK,
-    ConfigError,
     IllegalTransition,
     JrError,
     TemporaryFailure,
     UsageError,
 )
-from jobrunner_lib.core.models import Job
+from jobrunner_lib.core.models import Job, iso
 from jobrunner_lib.store import db
 from jobrunner_lib.store import queries as db_queries
 
-from .formats import FORMATS, human_age, is_terminal, iso, write_rows
+from .formats import FORMATS, human_age, is_terminal, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +53,20 @@ TOOLS: dict[str, str] = {
     "jr-pull-image": "jobrunner_lib.cli.pull_image",
     "jr-prune": "jobrunner_lib.cli.prune",
 }
+
+
+def fzf_pick(lines: Sequence[str], *, prompt: str, header: str, multi: bool = False) -> list[str]:
+    """The fzf picker every tool shows: lines that start with an ID; the IDs of the lines chosen
+    (TAB marks several with multi). Only with a terminal and never with no lines (the callers
+    check); choosing nothing (Esc) is an interrupt."""
+    from iterfzf import iterfzf  # lazily: fzf is only for people
+
+    # Exact substring matching: operators type ID fragments, and fuzzy matching would let a
+    # fragment match across columns (an id's letters, then the "d" of an age).
+    chosen = iterfzf(lines, prompt=prompt, header=header, multi=multi, exact=True)
+    if not chosen:
+        raise KeyboardInterrupt
+    return [line.split()[0] for line in ([chosen] if isinstance(chosen, str) else chosen)]
 
 
 class Context:
@@ -116,8 +129,6 @@ class Context:
         """Show an fzf picker of the targets (never empty, only with a terminal)."""
         if not targets:
             raise UsageError(f"nothing to pick for '{fragment}'")
-        from iterfzf import iterfzf  # lazily: fzf is only for people
-
         now = time.time()
         lines = []
         for target in targets:
@@ -127,14 +138,9 @@ class Context:
                 f"{target.id}  {label}  {job.state.value}  {job.workspace}  "
                 f"{human_age(now - job.created_at)}"
             )
-        # Exact substring matching: operators type ID fragments, and fuzzy matching would let a
-        # fragment match across columns (an id's letters, then the "d" of an age).
-        choice = iterfzf(
-            lines, prompt=f"{fragment}> ", header="id  action  state  workspace  age", exact=True
-        )
-        if not choice:
-            raise KeyboardInterrupt
-        chosen_id = choice.split()[0]
+        chosen_id = fzf_pick(
+            lines, prompt=f"{fragment}> ", header="id  action  state  workspace  age"
+        )[0]
         return next(t for t in targets if t.id == chosen_id)
 
     def confirm(self, plan: Sequence[str], verb: str) -> bool:
@@ -255,11 +261,7 @@ class Tool:
                 debug_log_file=config.debug_log_file if config else None,
             )
             if config:
-                for secret in (
-                    config.job_server_token,
-                    config.private_repo_access_token,
-                    *config.database_urls.values(),
-                ):
+                for secret in config.secrets:
                     logs.register_secret(secret)
             ctx = Context(self, args, config, stdin, stdout, stderr)
             return self.run(ctx)
@@ -298,7 +300,7 @@ class Tool:
         except OSError:
             where = "traceback could not be written"
         stderr.write(
-            f"{self.name}: internal error: {type(exc).__name__}: {logs.mask(logs.one_line(str(exc)))} "
+            f"{self.name}: internal error: {type(exc).__name__}: {logs.mask(logs.squash_whitespace(str(exc)))} "
             f"({where})\n"
         )
         return EXIT_INTERNAL
@@ -306,14 +308,4 @@ class Tool:
 
 def run_tool(tool_class: type[Tool], argv: Iterable[str] | None = None) -> None:
     """Entry point for bin/ launchers: run the tool and exit with its code."""
-    try:
-        code = tool_class().main(list(argv) if argv is not None else None)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        code = EXIT_OK
-    except ConfigError as exc:  # pragma: no cover - main() already maps it
-        sys.stderr.write(f"{tool_class.name}: {exc}\n")
-        code = exc.exit_code
-    sys.exit(code)
+    sys.exit(tool_class().main(list(argv) if argv is not None else None))

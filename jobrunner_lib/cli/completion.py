@@ -40,7 +40,10 @@ def describe_parser(
     parser: argparse.ArgumentParser,
 ) -> tuple[list[str], list[str], dict[str, list[str]], bool]:
     """(flags, flags taking a value, choices per flag, whether positionals take job IDs)."""
-    flags, valued, choices, takes_ids = [], [], {}, False
+    flags: list[str] = []
+    valued: list[str] = []
+    choices: dict[str, list[str]] = {}
+    takes_ids = False
     for action in parser._actions:  # argparse offers no public way to list its arguments
         if action.option_strings:
             flags.extend(action.option_strings)
@@ -119,19 +122,14 @@ complete -F _jr_complete {" ".join(names)}
 def print_ids(fragment: str, out=sys.stdout) -> int:
     """Print `id<TAB>action` for jobs matching the fragment (never fails loudly: completion must not)."""
     from jobrunner_lib.core.config import load_config
-    from jobrunner_lib.store import db
+    from jobrunner_lib.store import db, queries
 
     try:
         config = load_config()
         if not config.db_path.exists():
             return 0
         conn = db.connect(config.db_path, migrate=False)
-        frag = fragment.lower()
-        rows = conn.execute(
-            "SELECT id, action FROM job WHERE instr(id, ?) > 0 UNION "
-            "SELECT DISTINCT job_request_id, 'request' FROM job WHERE instr(job_request_id, ?) > 0 LIMIT ?",
-            (frag, frag, ID_LIMIT),
-        ).fetchall()
+        rows = queries.ids_containing(conn, fragment, ID_LIMIT)
     except Exception:  # noqa: BLE001 - a broken config or store just means no suggestions
         return 0
     for job_id, action in rows:

@@ -1,7 +1,7 @@
 """Output formats of every jr tool (`-o table|tsv|jsonl|ids`), and the ages and times in them.
 
 write_rows writes rows in one of FORMATS and read_tsv reads its tsv back; parse_since reads the
-ages and dates that `--since` takes.
+ages and dates that `--since` takes; binary writes a container's raw output to a tool's stdout.
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ import json
 import re
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO, cast
 
-from jobrunner_lib.core import models
 from jobrunner_lib.core.errors import UsageError
 from jobrunner_lib.core.models import Job
 
@@ -41,6 +40,24 @@ def is_terminal(stream: Any) -> bool:
         return False
 
 
+def binary(stream: Any) -> BinaryIO:
+    """The byte stream under a text stream (or an adapter for in-memory text streams)."""
+    return getattr(stream, "buffer", None) or cast(BinaryIO, _TextWriter(stream))
+
+
+class _TextWriter:
+    """Write bytes to a text-only stream (tests hand tools StringIO)."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+
+    def write(self, data: bytes) -> int:
+        return self.stream.write(data.decode("utf-8", errors="replace"))
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def human_age(seconds: float | None) -> str:
     """`45s`, `12m`, `3h`, `5d`: short ages for tables."""
     if seconds is None:
@@ -50,11 +67,6 @@ def human_age(seconds: float | None) -> str:
         if seconds >= size:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
-
-
-def iso(ts: int | float | None) -> str:
-    """Unix seconds as `2021-11-03T09:12:51Z` (empty for None)."""
-    return models.iso(ts) or ""
 
 
 def parse_since(text: str, now: float | None = None) -> int:

@@ -6,11 +6,11 @@ import argparse
 import time
 
 from jobrunner_lib.core.errors import UsageError
-from jobrunner_lib.core.models import State, StatusCode
+from jobrunner_lib.core.models import State, StatusCode, iso
 from jobrunner_lib.store import queries as db_queries
 
 from .common import Context, Tool, run_tool
-from .formats import human_age, iso, parse_since
+from .formats import human_age, parse_since
 
 COLUMNS = [
     "id",
@@ -130,8 +130,8 @@ class Ls(Tool):
                 "state": r[4],
                 "status_code": r[5] or "",
                 "status_message": r[6] or "",
-                "created_at": iso(r[7]),
-                "updated_at": iso(r[8]),
+                "created_at": iso(r[7]) or "",
+                "updated_at": iso(r[8]) or "",
             }
             for r in found
         ]

@@ -23,19 +23,11 @@ from jobrunner_lib.core.config import Config
 from jobrunner_lib.core.errors import AmbiguousError, OperationFailed, UsageError
 from jobrunner_lib.core.models import Job
 from jobrunner_lib.docker import engine as docker
-from jobrunner_lib.docker import volumes
+from jobrunner_lib.docker import mounts, volumes
 from jobrunner_lib.store import queries as db_queries
 
 from .common import Context, Tool, run_tool
-from .formats import is_terminal
-from .watch_logs import binary
-
-ROLE_LABEL = ("org.jr.role", "mount")
-
-
-def mount_name(job_id: str) -> str:
-    """A fresh name for one jr-mount helper of this job (several operators may look at once)."""
-    return f"jr-mount-{job_id}-{os.urandom(3).hex()}"
+from .formats import binary, is_terminal
 
 
 def jobs_with_volumes(config: Config, conn: Any) -> list[Job]:
@@ -110,9 +102,17 @@ The helper is removed when the shell or command ends; jr-mount exits with its ex
                 f"job {job.id} is {job.state.value} and its container is not running: "
                 "mounting its volume only (no processes to see)"
             )
-        name = mount_name(job.id)
-        volume = docker.workspace_source(config, job.id)  # a Docker volume or a host directory
-        self.create(config, job, name, volume, target if running else None, shell)
+        name = mounts.mount_name(job.id)
+        mounts.create_mount_container(
+            config.backend,
+            job.id,
+            name,
+            image=config.tools_image,
+            source=docker.workspace_source(config, job.id),  # a Docker volume or a host directory
+            command=self.command or ["sh"],
+            pid_of=target if running else None,
+            shell=shell,
+        )
         try:
             if shell:
                 ctx.say(f"{name}: the job's volume is at /workspace; `exit` ends the shell")
@@ -175,34 +175,6 @@ The helper is removed when the shell or command ends; jr-mount exits with its ex
             )
         return ctx.pick(label, targets).jobs[0]
 
-    def create(
-        self, config: Config, job: Job, name: str, volume: str, pid_of: str | None, shell: bool
-    ) -> None:
-        """Create the helper (not started), labelled like every jr object."""
-        api = docker.client().api
-        host_config = api.create_host_config(
-            binds={volume: {"bind": docker.WORKSPACE, "mode": "rw"}},
-            # Just enough to strace the job's processes: `--privileged` (the old tool's choice)
-            # grants every capability, which some engines refuse and none of which we need.
-            cap_add=["SYS_PTRACE"],
-            network_mode="none",
-            pid_mode=f"container:{pid_of}" if pid_of else None,
-        )
-        with docker.calls("create mount container"):
-            api.create_container(
-                config.tools_image,
-                self.command or ["sh"],
-                name=name,
-                host_config=host_config,
-                labels={**docker.labels(config.backend, job.id), ROLE_LABEL[0]: ROLE_LABEL[1]},
-                working_dir=docker.WORKSPACE,
-                user="0:0",
-                tty=shell,
-                stdin_open=shell,
-                environment={"PS1": f"jr-mount {job.id} \\w # "} if shell else None,
-                detach=True,
-            )
-
     def attach_shell(self, name: str) -> int:
         """Hand the terminal to the helper's shell through the docker CLI (it owns raw TTY mode)."""
         docker_cli = shutil.which("docker")
@@ -220,40 +192,36 @@ The helper is removed when the shell or command ends; jr-mount exits with its ex
 
     def run_command(self, ctx: Context, name: str) -> int:
         """Start the helper, pass its stdout and stderr on as they come, return its exit code."""
-        api = docker.client().api
-        with docker.calls("start mount container"):
-            api.start(name)
+        docker.start_container(name)
         errors: list[BaseException] = []
         stderr_copy = threading.Thread(
             target=self._copy,
-            args=(api, name, "stderr", ctx.stderr, errors),
+            args=(name, "stderr", ctx.stderr, errors),
             name="stderr",
             daemon=True,
         )
         stderr_copy.start()
-        self._copy(api, name, "stdout", ctx.stdout, errors)
+        self._copy(name, "stdout", ctx.stdout, errors)
         stderr_copy.join(30)
         if errors:
             raise errors[0]
-        with docker.calls("wait for mount container"):
-            return int(api.wait(name)["StatusCode"])
+        return mounts.wait_exit(name)
 
     @staticmethod
-    def _copy(api: Any, name: str, which: str, stream: TextIO, errors: list[BaseException]) -> None:
+    def _copy(name: str, which: str, stream: TextIO, errors: list[BaseException]) -> None:
         out = binary(stream)
         try:
-            with docker.calls(f"{which} of {name}"):
-                # Logs, not attach: the SDK lifts its read timeout for log streams only, and a
-                # quiet `strace` may say nothing for minutes.
-                for chunk in api.logs(
-                    name,
-                    stream=True,
-                    follow=True,
-                    stdout=which == "stdout",
-                    stderr=which == "stderr",
-                ):
-                    out.write(chunk)
-                    out.flush()
+            # Logs, not attach: the SDK lifts its read timeout for log streams only, and a
+            # quiet `strace` may say nothing for minutes.
+            for chunk in docker.container_logs(
+                name,
+                follow=True,
+                timestamps=False,
+                stdout=which == "stdout",
+                stderr=which == "stderr",
+            ):
+                out.write(chunk)
+                out.flush()
         except Exception as exc:  # noqa: BLE001 - reported by the caller (Ctrl-C passes through)
             errors.append(exc)
 

@@ -14,7 +14,8 @@ from typing import Any
 
 from jobrunner_lib.core.errors import UsageError
 from jobrunner_lib.core.models import Job, StatusCode
-from jobrunner_lib.docker import volumes
+from jobrunner_lib.docker import images as docker_images
+from jobrunner_lib.docker import mounts, volumes
 from jobrunner_lib.ops import objects as service
 from jobrunner_lib.store import queries as db_queries
 
@@ -29,8 +30,6 @@ TEMP_MAX_AGE = 86400  # a checkout lives for minutes; a day-old one was abandone
 JOB_ID_LABEL = "org.jr.job-id"
 # Labels scripts/build-images puts on the images it builds: the name it was built as.
 IMAGE_NAME_LABEL = "org.jr.image"
-# jr-mount's helper containers carry org.jr.role=mount (cli/mount.py).
-ROLE_LABEL = "org.jr.role"
 
 
 @dataclass
@@ -142,17 +141,23 @@ def stale_temp(temp_dir: Path, now: float) -> list[Item]:
     return items
 
 
-def docker_usage() -> dict[str, Any] | None:
-    """Docker's own disk usage (`docker system df`), or None if it cannot be had."""
-    from docker.errors import DockerException
+def docker_usage(*, outage_ok: bool = False) -> dict[str, Any] | None:
+    """Docker's own disk usage (`docker system df`), or None if it cannot be had.
 
+    A daemon that cannot be reached is DockerUnavailable (exit 75) unless outage_ok: after the
+    removals, when only the report's numbers are missing.
+    """
     from jobrunner_lib.docker import engine as docker
 
     try:
-        return docker.client().api.df()
-    except (DockerException, OSError, docker.DockerTimeout) as exc:
+        return docker_images.disk_usage()
+    except docker.DockerUnavailable as exc:
+        if not outage_ok:
+            raise
         log.warning(f"Could not read Docker's disk usage: {exc}")
-        return None
+    except (docker.DockerTimeout, OSError) as exc:  # the SDK's APIError is an OSError
+        log.warning(f"Could not read Docker's disk usage: {exc}")
+    return None
 
 
 def usage_total(df: Mapping[str, Any] | None) -> int | None:
@@ -247,7 +252,7 @@ Prints what it removed, the space Docker reports reclaimed and the size of the f
                 log.info(f"Removed {item.kind} {item.name}")
             rows.append(item.row(result))
         ctx.emit(rows, COLUMNS, table_rows=rows, table_columns=TABLE_COLUMNS)
-        after = docker_usage()
+        after = docker_usage(outage_ok=True)
         total_before, total_after = usage_total(before), usage_total(after)
         docker_freed = (
             service.human_size(max(0, total_before - total_after))
@@ -304,7 +309,7 @@ Prints what it removed, the space Docker reports reclaimed and the size of the f
                 )
         for c in containers:
             labels = c.get("Labels") or {}
-            if labels.get(ROLE_LABEL) == "mount" and c.get("State") == "running":
+            if mounts.is_mount(labels) and c.get("State") == "running":
                 # An operator is looking inside with jr-mount: not now.
                 job_id = job_id_of(labels, "")
                 stuck_jobs.add(job_id)
@@ -335,14 +340,11 @@ Prints what it removed, the space Docker reports reclaimed and the size of the f
     @staticmethod
     def images(config: Any, df: Mapping[str, Any] | None) -> list[Item]:
         """Untagged images of the configured registry's allowed repositories no container uses."""
-        from jobrunner_lib.docker import engine as docker
-
-        api = docker.client().api
         repos = {repository(config.image_name(name)) for name in config.allowed_images}
-        used = {c.get("ImageID") for c in api.containers(all=True)}
+        used = {str(c.get("ImageID")) for c in docker_images.all_containers()}
         sizes = {i["Id"]: i for i in (df or {}).get("Images") or []}
         items = []
-        for image in dangling_images(api.images(filters={"dangling": True}), repos, used):
+        for image in dangling_images(docker_images.list_images(dangling=True), repos, used):
             info = sizes.get(image["Id"]) or image
             size = info.get("Size")
             shared = info.get("SharedSize")
@@ -367,7 +369,7 @@ Prints what it removed, the space Docker reports reclaimed and the size of the f
         elif item.kind == "volume":
             docker.remove_volume(item.ref)
         elif item.kind == "image":
-            docker.client().api.remove_image(item.ref)
+            docker_images.remove_image(item.ref)
         elif item.kind == "temp":
             path = Path(item.ref)
             if path.is_dir() and not path.is_symlink():

@@ -17,6 +17,7 @@ from typing import Any
 from jobrunner_lib.core.config import Config
 from jobrunner_lib.core.errors import ConfigError, OperationFailed, TemporaryFailure, UsageError
 from jobrunner_lib.docker import engine as docker
+from jobrunner_lib.docker import images
 from jobrunner_lib.store import queries as db_queries
 
 from .common import Context, Tool, run_tool
@@ -129,7 +130,6 @@ Prints `pulled <name> <id> (was <old id>|new|unchanged)` per image."""
 
     def pull(self, ctx: Context, config: Config, ref: ImageRef) -> None:
         """Pull one image, retag it, tidy the one it replaces, print the summary line."""
-        api = docker.client().api
         assert config.pull_registry is not None
         source_repo = f"{config.pull_registry.rstrip('/')}/{ref.name}"
         source = f"{source_repo}:{ref.tag}"
@@ -138,11 +138,8 @@ Prints `pulled <name> <id> (was <old id>|new|unchanged)` per image."""
         old_id = docker.image_id(target)
         ctx.say(f"pulling {source}")
         try:
-            with docker.calls(f"pull {source}"):
-                for line in progress_lines(
-                    api.pull(source_repo, tag=ref.tag, stream=True, decode=True), source
-                ):
-                    ctx.say(line)
+            for line in progress_lines(images.pull(source_repo, ref.tag), source):
+                ctx.say(line)
         except (OperationFailed, TemporaryFailure):  # already classified (Docker down is one too)
             raise
         except Exception as exc:
@@ -152,12 +149,10 @@ Prints `pulled <name> <id> (was <old id>|new|unchanged)` per image."""
         new_id = docker.image_id(source)
         if new_id is None:
             raise OperationFailed(f"pulled {source} but Docker does not show it")
-        with docker.calls(f"tag {target}"):
-            api.tag(new_id, repository=target_repo, tag=ref.tag, force=True)
+        images.tag(new_id, target_repo, ref.tag)
         if source != target:
             # Jobs use only the target name; the pull name would keep the image alive in prune's eyes.
-            with docker.calls(f"untag {source}", missing_ok=True):
-                api.remove_image(source, noprune=True)
+            images.remove_image(source, noprune=True, missing_ok=True)
         if old_id is None:
             was = "new"
         elif old_id == new_id:
@@ -170,28 +165,25 @@ Prints `pulled <name> <id> (was <old id>|new|unchanged)` per image."""
 
     def remove_superseded(self, ctx: Context, old_id: str, target: str) -> None:
         """Remove the image `target` used to name, unless it is still tagged or in use."""
-        api = docker.client().api
-        with docker.calls("inspect superseded image", missing_ok=True):
-            tags = api.inspect_image(old_id).get("RepoTags") or []
-            if tags:
-                ctx.say(f"kept superseded image {short_id(old_id)}: still tagged {', '.join(tags)}")
-                return
-            users = self.image_users(ctx, old_id)
-            if users:
-                ctx.say(
-                    f"kept superseded image {short_id(old_id)} (was {target}): in use by {', '.join(users)}"
-                )
-                return
-            try:
-                api.remove_image(old_id)
-            except Exception as exc:  # noqa: BLE001 - e.g. 409: a container appeared meanwhile
-                if getattr(exc, "status_code", None) != 409:
-                    raise
-                ctx.say(
-                    f"kept superseded image {short_id(old_id)} (was {target}): "
-                    f"{getattr(exc, 'explanation', exc)}"
-                )
-                return
+        info = images.inspect_image(old_id)
+        if info is None:
+            return  # gone already
+        tags = info.get("RepoTags") or []
+        if tags:
+            ctx.say(f"kept superseded image {short_id(old_id)}: still tagged {', '.join(tags)}")
+            return
+        users = self.image_users(ctx, old_id)
+        if users:
+            ctx.say(
+                f"kept superseded image {short_id(old_id)} (was {target}): in use by {', '.join(users)}"
+            )
+            return
+        try:
+            removed = images.remove_image(old_id, missing_ok=True)
+        except images.ImageInUse as exc:  # a container appeared meanwhile
+            ctx.say(f"kept superseded image {short_id(old_id)} (was {target}): {exc}")
+            return
+        if removed:
             ctx.say(f"removed superseded image {short_id(old_id)} (was {target})")
 
     def image_users(self, ctx: Context, image_id: str) -> list[str]:
@@ -201,7 +193,7 @@ Prints `pulled <name> <id> (was <old id>|new|unchanged)` per image."""
             for job in db_queries.active_jobs(ctx.conn)
             if job.image_id == image_id
         ]
-        for container in docker.client().api.containers(all=True):
+        for container in images.all_containers():
             if container.get("ImageID") != image_id:
                 continue
             job_id = (container.get("Labels") or {}).get("org.jr.job-id")

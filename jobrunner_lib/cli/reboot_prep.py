@@ -8,53 +8,19 @@ running jobs to finish; --resume lifts the pause.
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 
-from jobrunner_lib.core.errors import ConflictError, TemporaryFailure, UsageError
-from jobrunner_lib.core.models import Job, Msg, State, StatusCode, transition
+from jobrunner_lib.core.errors import TemporaryFailure, UsageError
+from jobrunner_lib.core.models import State
 from jobrunner_lib.ops import objects as service
+from jobrunner_lib.ops import reboot
 from jobrunner_lib.store import queries as db_queries
 
 from .common import Context, Tool, run_tool
-from .formats import RESULT_COLUMNS, iso, result_row
+from .formats import RESULT_COLUMNS, result_row
 
-log = logging.getLogger(__name__)
-
-PAUSED = "paused"
 POLL_SECONDS = 0.5
 PROGRESS_SECONDS = 10.0
-LOCK_TIMEOUT = 60.0
-CONFLICT_RETRIES = 10
-
-
-def running_jobs(conn) -> list[Job]:
-    """Jobs in state running (from the active-jobs index)."""
-    return [j for j in db_queries.active_jobs(conn) if j.state is State.RUNNING]
-
-
-def reset_for_reboot(conn, job: Job) -> Job | None:
-    """running -> pending/waiting_on_reboot (compare-and-set); None if it stopped running meanwhile."""
-    for _ in range(CONFLICT_RETRIES):
-        if job.state is not State.RUNNING:
-            return None
-        new = transition(
-            job,
-            State.PENDING,
-            StatusCode.WAITING_ON_REBOOT,
-            Msg.WAITING_ON_REBOOT,
-            worker_pid=None,
-            worker_started_at=None,
-            attempts=0,
-        )
-        try:
-            return db_queries.save_job(conn, new)
-        except ConflictError:
-            fresh = db_queries.get_job(conn, job.id)
-            if fresh is None:
-                return None
-            job = fresh
-    raise TemporaryFailure(f"job {job.id} keeps changing; try again")
 
 
 class RebootPrep(Tool):
@@ -106,8 +72,6 @@ Neither needs --yes: both are undone by the other."""
     # -- default: stop running jobs and put them back to pending --
 
     def stop_running(self, ctx: Context) -> int:
-        from docker.errors import DockerException
-
         from jobrunner_lib.docker import engine as docker
 
         config = ctx.config
@@ -122,7 +86,7 @@ Neither needs --yes: both are undone by the other."""
         if running:
             docker.ping()
         try:
-            leftovers = self.pending_leftovers(ctx, active)
+            leftovers = reboot.pending_leftovers(config, ctx.conn, active)
         except docker.DockerUnavailable:
             leftovers = []  # with nothing running, a stopped Docker holds nothing of ours to clear
         if not running and not leftovers:
@@ -138,84 +102,40 @@ Neither needs --yes: both are undone by the other."""
         if not ctx.confirm(plan, "stop the running jobs"):
             return 0
         rows, failed = [], False
-        # Holding the pass's lock: no jr-run-once can claim a job we just put back to pending.
-        with service.run_lock(config, LOCK_TIMEOUT):
-            for job in running + leftovers:
-                if job.state is State.RUNNING:
-                    saved = reset_for_reboot(ctx.conn, db_queries.get_job(ctx.conn, job.id) or job)
-                    if saved is None:
-                        fresh = db_queries.get_job(ctx.conn, job.id) or job
-                        rows.append(result_row(fresh, f"left alone: it is now {fresh.state.value}"))
-                        continue
-                    # The row first: a worker we fail to kill sees the job is no longer its own.
-                    notes = ["back to pending"]
-                    stopped = service.stop_worker(job)
-                    if stopped:
-                        notes.append(stopped)
-                else:
-                    saved, notes = job, ["pending"]
-                try:
-                    removed = service.remove_job_objects(config, job.id)
-                    if removed:
-                        notes.append(f"removed {', '.join(removed)}")
-                except (docker.DockerTimeout, DockerException, OSError) as exc:
-                    failed = True
-                    notes.append(f"failed to remove its objects ({exc}): run jr-reboot-prep again")
-                    ctx.stderr.write(f"{self.name}: {job.id}: {notes[-1]}\n")
-                log.info(f"Reset for reboot: {'; '.join(notes)}", extra={"job": saved})
-                rows.append(result_row(saved, "; ".join(notes)))
+        for outcome in reboot.reset_all(config, ctx.conn, running + leftovers):
+            if outcome.failed:
+                failed = True
+                ctx.stderr.write(f"{self.name}: {outcome.job.id}: {outcome.notes[-1]}\n")
+            rows.append(result_row(outcome.job, "; ".join(outcome.notes)))
         ctx.emit(rows, RESULT_COLUMNS)
         after = "start the service"
-        if db_queries.get_flag(ctx.conn, PAUSED) is not None:
+        if reboot.paused(ctx.conn) is not None:
             after += " and run jr-reboot-prep --resume (the backend is paused)"
         ctx.say(f"ready for reboot: after it, {after}; these jobs then start again by themselves")
         return 1 if failed else 0
-
-    @staticmethod
-    def pending_leftovers(ctx: Context, active: list[Job]) -> list[Job]:
-        """Pending jobs that still have Docker objects (e.g. an earlier run of this tool failed)."""
-        from jobrunner_lib.docker import engine as docker
-        from jobrunner_lib.docker import volumes
-
-        assert ctx.config is not None
-        pending = {j.id: j for j in active if j.state is State.PENDING}
-        if not pending:
-            return []
-        hung = service.hung_containers(ctx.conn)
-        found: set[str] = set()
-        objects = docker.list_containers(ctx.config.backend) + docker.list_volumes(
-            ctx.config.backend
-        )
-        owners = [(obj.get("Labels") or {}).get("org.jr.job-id") for obj in objects]
-        for job_id in [*owners, *volumes.host_volumes(ctx.config)]:
-            if job_id in pending and not service.hung_objects_of(job_id, hung):
-                found.add(job_id)
-        return [job for job_id, job in pending.items() if job_id in found]
 
     # -- --drain and --resume --
 
     def drain(self, ctx: Context, timeout: float | None) -> int:
         config = ctx.config
         assert config is not None
-        current = db_queries.get_flag(ctx.conn, PAUSED)
         if ctx.args.dry_run:
             ctx.say(
                 "dry run: would pause the backend (no new job starts) and wait until no job is "
-                f"running; {len(running_jobs(ctx.conn))} running now"
+                f"running; {len(reboot.running_jobs(ctx.conn))} running now"
             )
             return 0
-        if current is None:
-            value = f"draining for reboot since {iso(time.time())} by {service.operator()}"
-            db_queries.set_flag(ctx.conn, PAUSED, value)
-            ctx.say(f"paused: {value}; no new job starts (jr-reboot-prep --resume lifts it)")
+        value, already = reboot.pause(ctx.conn)
+        if already:
+            ctx.say(f"already paused ({value}); waiting for running jobs to finish")
         else:
-            ctx.say(f"already paused ({current}); waiting for running jobs to finish")
+            ctx.say(f"paused: {value}; no new job starts (jr-reboot-prep --resume lifts it)")
         started = time.monotonic()
         last_progress = started
         try:
             while True:
-                running = running_jobs(ctx.conn)
-                if not running and self.still_idle_under_lock(ctx):
+                running = reboot.running_jobs(ctx.conn)
+                if not running and reboot.idle_under_lock(config, ctx.conn):
                     break
                 waited = time.monotonic() - started
                 if timeout is not None and waited >= timeout:
@@ -241,34 +161,23 @@ Neither needs --yes: both are undone by the other."""
                 "(jr-reboot-prep --resume lifts it)\n"
             )
             raise
-        pending = sum(1 for j in db_queries.active_jobs(ctx.conn) if j.state is State.PENDING)
+        pending = reboot.pending_count(ctx.conn)
         ctx.say(
             f"ready for reboot: no jobs running; {pending} pending jobs will start after "
             "jr-reboot-prep --resume"
         )
         return 0
 
-    def still_idle_under_lock(self, ctx: Context) -> bool:
-        """Re-check while no pass runs: a pass that read the flag before we set it has ended."""
-        assert ctx.config is not None
-        lock = service.try_run_lock(ctx.config)
-        if lock is None:
-            return False  # a pass is in progress; look again shortly
-        try:
-            return not running_jobs(ctx.conn)
-        finally:
-            lock.release()  # type: ignore[attr-defined]
-
     def resume(self, ctx: Context) -> int:
-        current = db_queries.get_flag(ctx.conn, PAUSED)
+        current = reboot.paused(ctx.conn)
         if current is None:
             ctx.say("not paused: nothing to do")
             return 0
         if ctx.args.dry_run:
             ctx.say(f"dry run: would lift the pause ({current})")
             return 0
-        db_queries.set_flag(ctx.conn, PAUSED, None)
-        pending = sum(1 for j in db_queries.active_jobs(ctx.conn) if j.state is State.PENDING)
+        reboot.resume(ctx.conn)
+        pending = reboot.pending_count(ctx.conn)
         ctx.say(f"resumed: lifted the pause ({current}); {pending} pending jobs may start now")
         return 0
 

@@ -8,11 +8,12 @@ import re
 import signal
 import sqlite3
 
-from jobrunner_lib.core.config import Config
+from jobrunner_lib.core.config import Config, docker_host
 from jobrunner_lib.core.errors import TemporaryFailure
-from jobrunner_lib.core.logs import one_line
+from jobrunner_lib.core.logs import squash_whitespace
+from jobrunner_lib.jobs.locks import holding_run_lock
 from jobrunner_lib.jobs.outage import keep_reserve, release_reserve, store_full, store_unusable
-from jobrunner_lib.jobs.run import run_pass
+from jobrunner_lib.jobs.run import Change, run_pass
 
 from .common import Context, Tool, run_tool
 
@@ -37,7 +38,7 @@ def check_docker(config: Config) -> None:
             jr_docker.ping()
     except unreachable as exc:
         raise TemporaryFailure(
-            f"Docker is not reachable ({docker_address()}: {root_cause(exc)}): "
+            f"Docker is not reachable ({docker_host()}: {root_cause(exc)}): "
             "is the Docker service running?"
         ) from None
 
@@ -45,13 +46,6 @@ def check_docker(config: Config) -> None:
 def _error_name(exc: sqlite3.Error) -> str:
     name = getattr(exc, "sqlite_errorname", None)
     return f", {name}" if name else ""
-
-
-def docker_address() -> str:
-    """Where the Docker client looks for the daemon (DOCKER_HOST, else the platform default)."""
-    if os.environ.get("DOCKER_HOST"):
-        return os.environ["DOCKER_HOST"]
-    return "npipe:////./pipe/docker_engine" if os.name == "nt" else "unix:///var/run/docker.sock"
 
 
 def root_cause(exc: BaseException) -> str:
@@ -71,7 +65,7 @@ def root_cause(exc: BaseException) -> str:
             return current.strerror
         pending.extend(a for a in current.args if isinstance(a, BaseException))
         pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
-    text = re.sub(r"^Docker is not available( \([^)]*\))?:\s*", "", one_line(str(exc)))
+    text = re.sub(r"^Docker is not available( \([^)]*\))?:\s*", "", squash_whitespace(str(exc)))
     return text or type(exc).__name__
 
 
@@ -90,23 +84,21 @@ Prints one row per job state change. Exit 75 if another pass holds the lock or D
     output = True
 
     def run(self, ctx: Context) -> int:
-        from filelock import FileLock, Timeout  # lazily: keeps --help fast
-
         if os.environ.get("JR_IGNORE_SIGINT") == "1":
             # Set by service/jr-service: a Ctrl-C meant for the service (on Windows the console
             # delivers it to every attached process) must not cut a pass short.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         config = ctx.config
         assert config is not None
-        config.workdir.mkdir(parents=True, exist_ok=True)
-        lock_path = config.run_lock_path
-        lock = FileLock(str(lock_path))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            raise TemporaryFailure(
-                f"another jr-run-once is running (lock {lock_path}); try again later"
-            ) from None
+        busy = f"another jr-run-once is running (lock {config.run_lock_path}); try again later"
+        with holding_run_lock(config, 0, busy):
+            changes = self.one_pass(ctx, config)
+        ctx.emit([change.row() for change in changes], COLUMNS)
+        return 0
+
+    @staticmethod
+    def one_pass(ctx: Context, config: Config) -> list[Change]:
+        """One pass, holding the run lock; a full or broken state store is a TemporaryFailure."""
         try:
             check_docker(config)
             keep_reserve(config)  # before any job this pass starts can fill the disk
@@ -123,13 +115,10 @@ Prints one row per job state change. Exit 75 if another pass holds the lock or D
                 raise  # a busy store is reported by the common error mapping
             # Nothing was half-done: every change is its own transaction, rolled back by SQLite.
             raise TemporaryFailure(
-                f"cannot write the state store {config.db_path} ({one_line(str(exc))}"
+                f"cannot write the state store {config.db_path} ({squash_whitespace(str(exc))}"
                 f"{_error_name(exc)}): is its disk full? The next pass tries again"
             ) from None
-        finally:
-            lock.release()
-        ctx.emit([change.row() for change in changes], COLUMNS)
-        return 0
+        return changes
 
 
 def main() -> None:

@@ -23,8 +23,8 @@ from jobrunner_lib.core.models import Job, State
 from jobrunner_lib.docker import engine as docker
 from jobrunner_lib.store import queries as db_queries
 
-from .common import Context, Tool, run_tool
-from .formats import human_age, parse_since
+from .common import Context, Tool, fzf_pick, run_tool
+from .formats import binary, human_age, parse_since
 
 # `docker logs --timestamps` puts an RFC 3339 time and a space before each line.
 TIMESTAMP = re.compile(
@@ -77,7 +77,7 @@ def select_lines(data: bytes, *, timestamps: bool, tail: int | None, since: int 
     """Apply -t, --tail and --since to a saved log (whose container lines all carry timestamps)."""
     lines = data.splitlines(keepends=True)
     if since is not None:
-        from jobrunner_lib.jobs.finalize import iso
+        from jobrunner_lib.core.models import iso
 
         # Same form as the log's times to the second, so the bytes compare in time order.
         cutoff = (iso(since) or "").encode()[:19]
@@ -86,24 +86,6 @@ def select_lines(data: bytes, *, timestamps: bool, tail: int | None, since: int 
         lines = lines[-tail:] if tail else []
     text = b"".join(lines)
     return text if timestamps else TIMESTAMP.sub(b"", text)
-
-
-def binary(stream: Any) -> BinaryIO:
-    """The byte stream under a text stream (or an adapter for in-memory text streams)."""
-    return getattr(stream, "buffer", None) or _TextWriter(stream)
-
-
-class _TextWriter:
-    """Write bytes to a text-only stream (tests hand tools StringIO)."""
-
-    def __init__(self, stream: Any):
-        self.stream = stream
-
-    def write(self, data: bytes) -> int:
-        return self.stream.write(data.decode("utf-8", errors="replace"))
-
-    def flush(self) -> None:
-        self.stream.flush()
 
 
 class Printer:
@@ -186,23 +168,16 @@ its job ID. Ctrl-C stops (exit 130)."""
 
     def pick_running(self, running: Sequence[Job]) -> list[Job]:
         """An fzf picker of running jobs (TAB marks several); never empty, only on a terminal."""
-        from iterfzf import iterfzf  # lazily: fzf is only for people
-
         now = time.time()
         lines = [
             f"{j.id}  {j.action}  {j.workspace}  {human_age(now - (j.started_at or now))}"
             for j in running
         ]
-        chosen = iterfzf(
-            lines,
-            multi=True,
-            prompt="watch> ",
-            header="id  action  workspace  running for",
-            exact=True,  # ID fragments, not fuzzy matches across columns
+        ids = set(
+            fzf_pick(
+                lines, prompt="watch> ", header="id  action  workspace  running for", multi=True
+            )
         )
-        if not chosen:
-            raise KeyboardInterrupt
-        ids = {line.split()[0] for line in chosen}
         return [j for j in running if j.id in ids]
 
     def watch(self, ctx: Context, jobs: Sequence[Job], since: int | None) -> int:

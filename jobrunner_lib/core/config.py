@@ -6,6 +6,7 @@ expects, and stops the tool with exit 78 (ConfigError).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -267,6 +268,8 @@ class _Reader:
         try:
             value = float(raw)
         except ValueError:
+            value = math.nan
+        if not math.isfinite(value):  # nan would switch a limit off, inf never time out
             raise ConfigError(
                 f"{name}={raw!r} is not a number: expected e.g. {name}={default:g}"
             ) from None

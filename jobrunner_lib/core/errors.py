@@ -1,4 +1,4 @@
-"""Error classes shared by the library and the tools, each carrying its exit code (STYLE.md)."""
+"""Error classes shared by the library and the tools, each carrying its exit code (docs/architecture.md#errors-and-exit-codes)."""
 
 from __future__ import annotations
 
@@ -65,3 +65,8 @@ class IllegalTransition(Exception):
 
 class ConflictError(Exception):
     """A compare-and-set update lost a race: someone else changed the job first."""
+
+
+class JobKeepsChanging(ConflictError, TemporaryFailure):
+    """store.queries.change_job lost every one of its races: a tool exits 75, a loop looks again
+    on its next pass."""

@@ -1,4 +1,4 @@
-"""Job and job-request IDs (SPEC.md §3.5) and resolving what an operator types into jobs.
+"""Job and job-request IDs (docs/reference.md#ids-and-names) and resolving what an operator types into jobs.
 
 A fragment of 3 or more characters matches any job id or request id containing it
 (case-insensitive). A matching request stands for all of its jobs. One target: go on; several:

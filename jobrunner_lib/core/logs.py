@@ -1,6 +1,6 @@
 """Logging in the house format: `2021-07-21 18:54:58.792Z run  message tags` on stderr.
 
-Lines about a job carry `status= project= action= id= req=` tags (SPEC.md §8.1) when the call
+Lines about a job carry `status= project= action= id= req=` tags (docs/reference.md#log-lines) when the call
 passes `extra={"job": job}`, so an operator can search four ID characters with `less`.
 """
 
@@ -124,6 +124,7 @@ def component() -> str:
     return _COMPONENT
 
 
-def one_line(text: str) -> str:
-    """Squash whitespace so an error fits one line."""
+def squash_whitespace(text: str) -> str:
+    """Runs of whitespace (newlines too) as one space, so an error fits one line. Other control
+    characters stay, and nothing is cut (pipeline.rules.one_line escapes them and cuts)."""
     return re.sub(r"\s+", " ", text).strip()

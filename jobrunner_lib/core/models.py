@@ -1,7 +1,7 @@
 """Jobs, job requests, their states and status codes, and the one place where a state may change.
 
 Pure: no I/O. Every change of a job's lifecycle goes through `transition()`, which refuses any move
-SPEC.md §3.4 does not allow (IllegalTransition is a bug, exit 70).
+docs/lifecycle.md#transitions does not allow (IllegalTransition is a bug, exit 70).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class StatusCode(str, Enum):
 
 
 class Msg:
-    """User-visible status messages (SPEC.md §3.3); the website shows these verbatim."""
+    """User-visible status messages (docs/lifecycle.md#states); the website shows these verbatim."""
 
     WAITING_ON_DEPENDENCIES = "Waiting on dependencies"
     WAITING_ON_WORKERS = "Waiting on available workers"
@@ -79,12 +79,13 @@ class Msg:
     INTERNAL = "Internal error"
     RETRYING = "Re-attempting to extract outputs"
     ALREADY_RAN = "All actions have already run"
+    ALREADY_SCHEDULED = "All requested actions were already scheduled to run"
 
 
 ERROR_ACTION = "__error__"
 RUN_ALL = "run_all"
 
-# Allowed (from, to) moves; None is "not yet created" (SPEC.md §3.4).
+# Allowed (from, to) moves; None is "not yet created" (docs/lifecycle.md#transitions).
 ALLOWED: frozenset[tuple[State | None, State]] = frozenset(
     {
         (None, State.PENDING),
@@ -132,11 +133,15 @@ class JobRequest:
     codelists_ok: bool = True
     created_by: str | None = None
     original: dict[str, Any] = field(default_factory=dict)
+    # The website's backend for it (None: an older website that does not say).
+    backend: str | None = None
+    # Why the request as received cannot be run (a field missing or of the wrong type).
+    problem: str | None = None
 
 
 @dataclass
 class Job:
-    """One action of one request: the row of the `job` table (SPEC.md §3.2 plus jr's own columns)."""
+    """One action of one request: the row of the `job` table (docs/architecture.md#the-state-store)."""
 
     id: str
     job_request_id: str
@@ -203,7 +208,7 @@ def transition(
 ) -> Job:
     """Return the job moved to `state` with its code and message, timestamps set by the rules.
 
-    Raises IllegalTransition for a move §3.4 does not allow. `started_at` is set on entering
+    Raises IllegalTransition for a move docs/lifecycle.md#transitions does not allow. `started_at` is set on entering
     RUNNING, `completed_at` on entering a final state; both are cleared on a reset to PENDING.
     """
     if (job.state, state) not in ALLOWED:

@@ -24,7 +24,7 @@ from functools import lru_cache
 
 # Also in jobrunner_lib.pipeline.rules; a unit test keeps the two equal.
 PRIVACY_LEVELS = ("highly_sensitive", "moderately_sensitive", "minimally_sensitive")
-# Levels copied to the medium-privacy (level 4) tree. jr's decision (SPEC §2 [IMPROVE]): the tree
+# Levels copied to the medium-privacy (level 4) tree. jr's decision (docs/reference.md#the-old-backend): the tree
 # is described as "medium and lower", so minimally_sensitive outputs go there too.
 MEDIUM_PRIVACY_LEVELS = ("moderately_sensitive", "minimally_sensitive")
 HIGH = "highly_sensitive"

@@ -1,4 +1,4 @@
-"""Job weights (SPEC.md §6.1): how many units of MAX_WORKERS capacity a job takes.
+"""Job weights (docs/reference.md#job-weights): how many units of MAX_WORKERS capacity a job takes.
 
 The ini file's sections are workspace names; each key is a regex that must match the whole action
 name and its value is a float; the first matching key wins, and anything unmatched weighs 1.
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobrunner_lib.core.errors import ConfigError
-from jobrunner_lib.core.logs import one_line
+from jobrunner_lib.core.logs import squash_whitespace
 
 DEFAULT_WEIGHT = 1.0
 
@@ -41,7 +41,7 @@ def parse_weights(text: str, source: str = "<weights>") -> Weights:
         parser.read_string(text, source=source)
     except configparser.Error as exc:
         raise ConfigError(
-            f"job resource weights file {source} is malformed: {one_line(str(exc))}"
+            f"job resource weights file {source} is malformed: {squash_whitespace(str(exc))}"
         ) from None
     rules: dict[str, list[tuple[re.Pattern[str], float]]] = {}
     for workspace in parser.sections():

@@ -1,6 +1,6 @@
 """The Docker client (the Docker SDK, imported lazily) and its objects: images, volumes, containers.
 
-Owns the names and labels of every object jr creates (SPEC.md §6.3), and wraps each call with a
+Owns the names and labels of every object jr creates (docs/architecture.md#docker-objects-and-labels), and wraps each call with a
 timeout and with the error translations the run side relies on: "already exists", "no such" and
 "not running" are tolerated so every step can be repeated; "no space left on device" becomes a
 JobError; an unreachable daemon becomes DockerUnavailable (exit 75). Files in and out of a job's
@@ -55,7 +55,7 @@ class DiskFull(JobError):
 
 
 def disk_full_message(where: str | None = None) -> str:
-    """SPEC.md §6.4's message, naming the disk when known."""
+    """The old backend's message, naming the disk when known (docs/reference.md#status-codes-and-messages)."""
     return f"Out of disk space{f' on {where}' if where else ''}, please try again later"
 
 
@@ -188,9 +188,9 @@ def ping_socket() -> bool:
     """
     import socket
 
-    host = os.environ.get("DOCKER_HOST") or (
-        "" if os.name == "nt" else "unix:///var/run/docker.sock"
-    )
+    from jobrunner_lib.core.config import docker_host
+
+    host = docker_host()
     if not host.startswith("unix://") or not hasattr(socket, "AF_UNIX"):
         return False
     path = host[len("unix://") :]
@@ -315,7 +315,7 @@ def create_job_container(
         log_config=joblog.docker_log_config(config.job_log_limit),
         **limits,
     )
-    # Values travel in the API request body, never on a command line (SPEC.md §6.5).
+    # Values travel in the API request body, never on a command line (docs/architecture.md#docker-objects-and-labels).
     _create(
         name,
         image,
@@ -396,11 +396,20 @@ def container_logs(
     timestamps: bool = True,
     tail: int | str = "all",
     since: Any = None,
+    stdout: bool = True,
+    stderr: bool = True,
 ) -> Iterator[bytes]:
-    """Stream a container's stdout+stderr (interleaved, optionally timestamped) in chunks."""
+    """Stream a container's stdout and/or stderr (interleaved, optionally timestamped) in chunks."""
     with calls("container logs"):
         yield from client().api.logs(
-            name, stream=True, follow=follow, timestamps=timestamps, tail=tail, since=since
+            name,
+            stream=True,
+            follow=follow,
+            timestamps=timestamps,
+            tail=tail,
+            since=since,
+            stdout=stdout,
+            stderr=stderr,
         )
 
 

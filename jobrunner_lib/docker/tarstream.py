@@ -2,7 +2,7 @@
 
 Pure (no Docker): builds tar streams lazily from files on disk and from `git archive`, parses
 the helper's volume listing, and runs a blocking copy in a thread so that a copy which stops
-making progress can be abandoned (SPEC.md §6.4: an aborted copy can leave a container that hangs
+making progress can be abandoned (docs/architecture.md#docker-objects-and-labels: an aborted copy can leave a container that hangs
 every later call, so we give up waiting instead). Reading tar streams into files: extract.py.
 """
 

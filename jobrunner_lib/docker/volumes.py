@@ -2,7 +2,7 @@
 
 Every job's containers see its files at /workspace. Where those files live is VOLUME_STORAGE:
 
-- `docker`: a Docker volume `os-volume-<id>` (SPEC.md §6.3), labelled like the job's other
+- `docker`: a Docker volume `os-volume-<id>` (docs/architecture.md#docker-objects-and-labels), labelled like the job's other
   objects. Files go in and out through the daemon's archive API, by way of a stopped helper
   container (files.py, copyout.py). Works with any daemon (Docker Desktop on Windows, a
   remote DOCKER_HOST), but each archive call costs ~35 ms however small (the daemon re-executes

@@ -41,10 +41,12 @@ def sweep(
     owed = db_queries.flags(conn, PREFIX)
     if not owed:
         return []
+    # Lazily: only needed when something is owed.
     from jobrunner_lib.docker.engine import DockerUnavailable
-    from jobrunner_lib.ops import objects as service  # lazily: only needed when something is owed
+    from jobrunner_lib.docker.jobobjects import remove_job_objects
+    from jobrunner_lib.jobs.hung import hung_containers, hung_objects_of
 
-    hung = service.hung_containers(conn)
+    hung = hung_containers(conn)
     cleaned: list[str] = []
     for name in sorted(owed):
         job = db_queries.get_job(conn, name[len(PREFIX) :])
@@ -55,11 +57,11 @@ def sweep(
             continue
         if job.worker_pid and is_alive(job.worker_pid, job.worker_started_at):
             continue  # its worker is still cleaning up
-        if job.status_code in KEPT_CODES or service.hung_objects_of(job.id, hung):
+        if job.status_code in KEPT_CODES or hung_objects_of(job.id, hung):
             settled(conn, job.id)
             continue
         try:
-            removed = service.remove_job_objects(config, job.id)
+            removed = remove_job_objects(config, job.id)
         except DockerUnavailable:
             break
         except Exception:  # noqa: BLE001 - one stuck object must not stop the pass

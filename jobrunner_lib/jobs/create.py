@@ -1,4 +1,4 @@
-"""Turn a job request into jobs (SPEC.md §5.7–5.9): validate, fetch, read project.yaml, decide.
+"""Turn a job request into jobs (docs/lifecycle.md#creating-jobs): validate, fetch, read project.yaml, decide.
 
 Every outcome is written in one transaction: the request's jobs, or a single `__error__` job that
 tells the researcher why (the protocol has no other way to reject a request), or a succeeded
@@ -71,7 +71,7 @@ class Outcome:
 
 
 def validate_request(config: Config, request: JobRequest) -> None:
-    """The request-level checks of SPEC.md §5.8 that need no network."""
+    """The request-level checks that need no network (docs/lifecycle.md#creating-jobs)."""
     url = request.repo_url
     if git_repos.is_local_repo(url):
         if not config.allow_local_repos:
@@ -178,7 +178,12 @@ def fetch(config: Config, repo_url: str, commit: str) -> Path:
 
 
 def plan_jobs(config: Config, conn: sqlite3.Connection, request: JobRequest) -> list[Job]:
-    """Decide the request's jobs by SPEC.md §5.7 (without writing anything)."""
+    """Decide the request's jobs (docs/lifecycle.md#creating-jobs), without writing anything."""
+    if request.problem:
+        raise JobRequestError(
+            f"The jobs website sent a request jr cannot run: {request.problem}; "
+            "check the workspace on the website (its repository, branch and database)"
+        )
     validate_request(config, request)
     pipeline, _repo_dir = load_project(config, request)
     if not git_repos.is_local_repo(request.repo_url) and request.branch:
@@ -199,7 +204,7 @@ def plan_jobs(config: Config, conn: sqlite3.Connection, request: JobRequest) -> 
             # the name comes from the jobs website: escaped, it cannot forge a line in the log
             raise UnknownActionError(f"Action '{one_line(action, 100)}' not found in project.yaml")
     # run_all means "everything not already done": its actions are not explicitly requested, so
-    # succeeded ones are reused and failed ones re-run (the old runner refused, SPEC.md §9.11).
+    # succeeded ones are reused and failed ones re-run (the old runner refused: docs/reference.md#the-old-backend).
     requested = set() if run_all else set(targets)
     latest = db_queries.latest_jobs_by_action(conn, request.workspace)
     decided: dict[str, Job] = {}
@@ -241,19 +246,20 @@ def plan_jobs(config: Config, conn: sqlite3.Connection, request: JobRequest) -> 
                     "update them (opensafely codelists update), commit, and run the request again"
                 )
     if not new_jobs:
-        if all(decided[a].state is State.SUCCEEDED for a in targets):
-            first = request.requested_actions[0]
-            return [
-                new_job(
-                    job_id(request.id, first),
-                    request,
-                    first,
-                    State.SUCCEEDED,
-                    StatusCode.SUCCEEDED,
-                    Msg.ALREADY_RAN,
-                )
-            ]
-        raise JobRequestError("All requested actions were already scheduled to run")
+        # Nothing to do is a success, as the upstream runner answers it (a job of the first
+        # requested action, running nothing): everything already ran, or is already scheduled.
+        done = all(decided[a].state is State.SUCCEEDED for a in targets)
+        first = request.requested_actions[0]
+        return [
+            new_job(
+                job_id(request.id, first),
+                request,
+                first,
+                State.SUCCEEDED,
+                StatusCode.SUCCEEDED,
+                Msg.ALREADY_RAN if done else Msg.ALREADY_SCHEDULED,
+            )
+        ]
     return new_jobs
 
 
@@ -307,7 +313,7 @@ def _new_action_job(
 
 
 def _cohort_args(config: Config, pipeline: Pipeline, spec, args: list[str]) -> list[str]:
-    """Dummy-data arguments for cohort extraction on a dummy-data backend (SPEC.md §5.6)."""
+    """Dummy-data arguments for cohort extraction on a dummy-data backend (docs/pipeline.md#commands)."""
     if not (spec.image.startswith("cohortextractor") and args[:1] == ["generate_cohort"]):
         return args
     if config.using_dummy_data_backend:
@@ -334,7 +340,7 @@ def resolve_reusable_action(
     user_args: list[str],
     cache: ReusableCache | None = None,
 ) -> tuple[str, list[str], str, str]:
-    """Resolve `<image>:<tag>` as a reusable action (SPEC.md §5.9): (image, args, repo url, commit).
+    """Resolve `<image>:<tag>` as a reusable action (docs/pipeline.md#reusable-actions): (image, args, repo url, commit).
 
     With a cache (one per request), each name and tag is looked up over the network once.
     """

@@ -12,10 +12,11 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
+from functools import partial
 
 from jobrunner_lib.core import logs
 from jobrunner_lib.core.config import Config
-from jobrunner_lib.core.errors import ConflictError, JobError
+from jobrunner_lib.core.errors import JobError
 from jobrunner_lib.core.faults import fault
 from jobrunner_lib.core.models import (
     FinalResult,
@@ -24,6 +25,7 @@ from jobrunner_lib.core.models import (
     State,
     StatusCode,
     apply_result,
+    iso,
     transition,
 )
 from jobrunner_lib.docker import engine as docker
@@ -31,7 +33,6 @@ from jobrunner_lib.docker.engine import BrokenContainerError, DiskFull, DockerUn
 from jobrunner_lib.jobs import cleanup as cleanup_debt
 from jobrunner_lib.jobs import stats, workspaces
 from jobrunner_lib.jobs.executor import Executor, ExecutorState, LocalDockerExecutor, input_files
-from jobrunner_lib.jobs.finalize import iso
 from jobrunner_lib.jobs.outage import DockerOutage, disk_name, full_disk_name, store_unusable
 from jobrunner_lib.jobs.processes import process_info
 from jobrunner_lib.pipeline.names import action_name_problem
@@ -143,12 +144,12 @@ class Driver:
                     named = action_name_problem(job.action)
                     if named:  # a job from before names were checked: refuse it clearly
                         raise JobError(f"Action names {named}; rename the action")
-                    # Recorded before anything is copied: finalize must know every input, even
-                    # if the needed action runs again before this job ends.
                     # Its declarations are the workspace's newest now, whatever happens next.
                     workspaces.purge_declared_high(self.config, self.conn, job)
+                    # Recorded before anything is copied: finalize must know every input, even
+                    # if the needed action runs again before this job ends.
                     inputs = input_files(self.config, self.conn, job)
-                    self.save(lambda j, i=inputs: j.copy(input_files=i))
+                    self.save(partial(Job.copy, input_files=inputs))
                     self.executor.prepare(self.job)
                     known = ExecutorState.PREPARED
                 elif state is ExecutorState.PREPARED:
@@ -222,7 +223,7 @@ class Driver:
                 StatusCode.INTERNAL_ERROR,
                 message,
                 clean=False,
-                error_detail=logs.one_line(f"{type(exc).__name__}: {exc}"),
+                error_detail=logs.squash_whitespace(f"{type(exc).__name__}: {exc}"),
             )
 
     def record_self(self) -> None:
@@ -248,7 +249,8 @@ class Driver:
                 "Could not record the Docker outage", extra={"job": self.job}, exc_info=True
             )
         log.warning(
-            f"Docker became unavailable: {logs.one_line(str(exc))}", extra={"job": self.job}
+            f"Docker became unavailable: {logs.squash_whitespace(str(exc))}",
+            extra={"job": self.job},
         )
 
     def docker_gone(self) -> bool:
@@ -309,14 +311,20 @@ class Driver:
         return job
 
     def save(self, change: Callable[[Job], Job]) -> Job:
-        """Apply change to the job and save it, re-reading and re-applying after a lost race."""
-        for _ in range(20):
-            try:
-                self.job = db_queries.save_job(self.conn, change(self.job))
-                return self.job
-            except ConflictError:
-                self.refresh()
-        raise RuntimeError(f"could not save job {self.job.id}: it keeps changing")
+        """Apply change to the job and save it (store.queries.change_job: re-read and re-applied
+        after a lost race); _NotOurs if the job is no longer running."""
+
+        def ours(job: Job) -> Job:
+            if job.state is not State.RUNNING:
+                raise _NotOurs()
+            self.job = job
+            return change(job)
+
+        saved, _ = db_queries.change_job(self.conn, self.job, ours)
+        if saved is None:
+            raise _NotOurs()
+        self.job = saved
+        return saved
 
     def save_final(self, change: Callable[[Job], Job]) -> Job:
         """Save and log the job's final state, through around_final when there is one."""

@@ -97,7 +97,7 @@ def job_user_ids(job_user: str | None) -> tuple[int | None, int | None]:
 
 
 def job_environment(config: Config, job: Job, image: str) -> dict[str, str]:
-    """The job's environment (SPEC.md §6.5): secrets only where the job needs them."""
+    """The job's environment (docs/reference.md#what-jobs-receive): secrets only where the job needs them."""
     env = {"OPENSAFELY_BACKEND": config.backend}
     if job.requires_db and not config.using_dummy_data_backend:
         url = config.database_urls.get((job.database_name or "").lower())
@@ -165,9 +165,8 @@ def remove_stale_temps(files: Iterable[Path]) -> list[Path]:
 
 def input_files(config: Config, conn: sqlite3.Connection, job: Job) -> dict[str, str]:
     """path -> action for every output of every needed action (its latest successful job's):
-    what prepare copies into the volume, recorded in the job before the copy. JobError if a
-    needed action has no successful run or a file is missing from the workspace."""
-    workspace = workspaces.high(config, job.workspace)
+    what prepare copies into the volume (checking each file is there), recorded in the job
+    before the copy. JobError if a needed action has no successful run."""
     files: dict[str, str] = {}
     for action in job.requires_outputs_from:
         producer = db_queries.latest_succeeded_job(conn, job.workspace, action)
@@ -176,18 +175,7 @@ def input_files(config: Config, conn: sqlite3.Connection, job: Job) -> dict[str,
                 f"No successful run of action {action} in workspace {job.workspace} "
                 "to take inputs from"
             )
-        for path in sorted(producer.outputs or {}):
-            source = workspace / path
-            if (
-                not outputs.is_safe_relative_path(path)
-                or not source.is_file()
-                or source.is_symlink()
-            ):
-                raise JobError(
-                    f"The file {path} doesn't exist in workspace {job.workspace} "
-                    f"as requested for job {job.id}"
-                )
-            files[path] = action
+        files.update({path: action for path in sorted(producer.outputs or {})})
     return files
 
 

@@ -1,4 +1,4 @@
-"""Finalizing a job (SPEC.md §6.6-6.7): decide the outcome, write its log and metadata, copy outputs.
+"""Finalizing a job (docs/reference.md#finalize): decide the outcome, write its log and metadata, copy outputs.
 
 Safe to repeat: every file is written under a temporary name and renamed into place, so a second
 run (after a crash, or through jr-retry) just rewrites the same files.
@@ -97,7 +97,7 @@ def decide(
     completed_at: int,
     job_error: str | None = None,
 ) -> FinalResult:
-    """The job's outcome from its exit code and the outputs found (SPEC.md §6.6 step 3).
+    """The job's outcome from its exit code and the outputs found (docs/reference.md#finalize).
 
     `job_error` says why some matched outputs cannot be copied (unsafe names, a clash with the
     workspace): the job then fails with that message rather than succeeding without them.
@@ -162,7 +162,7 @@ def job_metadata(
 
 
 def trailer(metadata: dict[str, Any]) -> str:
-    """The summary appended to logs.txt (SPEC.md §6.7), exit code included even when 0."""
+    """The summary appended to logs.txt (docs/reference.md#finalize), exit code included even when 0."""
     lines = [
         f"{key}: {metadata[key]}"
         for key in TRAILER_KEYS
@@ -230,7 +230,7 @@ def finalize_job(executor: Finalizing, job: Job, outcome: Outcome) -> Job:
     info = redact_environment(info)
     oom = bool(info["State"].get("OOMKilled"))
     exit_code, image_id = int(info["State"]["ExitCode"]), info.get("Image")
-    if job.cancelled:  # a cancelled job's files are never looked at (SPEC.md §2.1)
+    if job.cancelled:  # a cancelled job's files are never looked at (docs/reference.md#finalize)
         result = decide(job, exit_code, oom, {}, [], None, image_id, now())
         _write_logs(executor, job, result, info)
         return outcome.save(result)

@@ -18,7 +18,6 @@ from typing import Any
 
 from jobrunner_lib.core.config import CHECKOUT_DIR, Config
 
-# The website flags a job as stale after 30 minutes without an update (SPEC.md §3.7).
 # /proc start times are derived from an integer boot time, so allow for rounding.
 START_TIME_TOLERANCE = 1.0
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobrunner_lib.core.config import Config
-from jobrunner_lib.core.errors import ConflictError
+from jobrunner_lib.core.errors import JobKeepsChanging
 from jobrunner_lib.core.models import Job, Msg, State, StatusCode, transition
 from jobrunner_lib.core.weights import Weights, load_weights
 from jobrunner_lib.jobs import cleanup
@@ -37,7 +37,6 @@ from jobrunner_lib.store import queries as db_queries
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
-CONFLICT_RETRIES = 3
 WORKER_DIED = "Internal error: the job's worker died 3 times; see the run log"
 
 # A worker that exited because Docker was unreachable is restarted without counting an attempt
@@ -48,6 +47,10 @@ FREE_DOCKER_RESTARTS = 10
 Spawn = Callable[[Config, str], tuple[int, float]]
 IsAlive = Callable[[int, float | None], bool]
 Kill = Callable[[int, float | None], None]
+# What to do once a decided change of a job is saved (log, record, start a worker), given the
+# job as saved; a decision is the job to save (compare-and-set) and that.
+Then = Callable[[Job], None]
+Decision = tuple[Job, Then]
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ def run_pass(
     reap_children()
     weights = load_weights(config.job_resource_weights_file)
     jobs = db_queries.active_jobs(conn)
-    # Shuffled so that one big request cannot hog capacity (SPEC.md §6.1).
+    # Shuffled so that one big request cannot hog capacity (docs/lifecycle.md#the-run-pass).
     (rng or random).shuffle(jobs)
     run = _Pass(config, conn, weights, spawn, is_alive, kill, now)
     run.jobs = {job.id: job for job in jobs}
@@ -137,39 +140,58 @@ class _Pass:
         self.changes: list[Change] = []
 
     def handle(self, job: Job) -> None:
-        """Decide for one job; on a lost race re-read it and decide again; never raise."""
-        for _ in range(CONFLICT_RETRIES):
-            try:
-                if job.state is State.RUNNING:
-                    self.supervise(job)
-                elif job.state is State.PENDING:
-                    self.schedule(job)
-                return
-            except ConflictError:
-                log.debug("Job changed while deciding; looking again", extra={"job": job})
-                fresh = db_queries.get_job(self.conn, job.id)
-                if fresh is None:
-                    return
-                self.jobs[job.id] = job = fresh
-            except Exception as exc:
-                if store_unusable(exc):
-                    # Not this job's problem: every other job would hit it too. The caller
-                    # (jr-run-once) reports it in one line; the next pass carries on.
-                    raise
-                # One job's problem must not stop the others (nor crash the service).
-                log.exception("Unexpected error while handling job", extra={"job": job})
-                return
+        """Decide for one job, save the decision, then carry it out; never raise.
+
+        The save is store.queries.change_job's: after a lost race the job is read again and
+        decided again from scratch, so a job someone moved on meanwhile (a worker, jr-kill) is
+        judged as it is now.
+        """
+        then: list[Then] = []
+
+        def decide(current: Job) -> Job | None:
+            if current is not job:
+                log.debug("Job changed while deciding; looking again", extra={"job": current})
+            self.jobs[current.id] = current
+            then.clear()
+            if current.state is State.RUNNING:
+                decision = self.supervise(current)
+            elif current.state is State.PENDING:
+                decision = self.schedule(current)
+            else:
+                decision = None
+            if decision is None:
+                return None
+            new, after = decision
+            then.append(after)
+            return new
+
+        try:
+            saved, changed = db_queries.change_job(self.conn, job, decide)
+            if saved is not None:
+                self.jobs[saved.id] = saved
+            if changed:
+                assert saved is not None
+                then[0](saved)
+        except JobKeepsChanging:
+            log.warning("Job kept changing; the next pass looks again", extra={"job": job})
+        except Exception as exc:
+            if store_unusable(exc):
+                # Not this job's problem: every other job would hit it too. The caller
+                # (jr-run-once) reports it in one line; the next pass carries on.
+                raise
+            # One job's problem must not stop the others (nor crash the service).
+            log.exception("Unexpected error while handling job", extra={"job": job})
 
     # -- pending jobs --
 
-    def schedule(self, job: Job) -> None:
+    def schedule(self, job: Job) -> Decision | None:
         """Cancelled, dependencies, pause flag, capacity: then claim it."""
         if job.cancelled:
             return self.cancel(job)
         failed, waiting = self.dependencies(job)
         if failed is not None:
             message = f"{Msg.DEPENDENCY_FAILED}: {failed.action} ({failed.id})"
-            return self.save(job, State.FAILED, StatusCode.DEPENDENCY_FAILED, message)
+            return self.change(job, State.FAILED, StatusCode.DEPENDENCY_FAILED, message)
         if waiting:
             return self.wait(job, StatusCode.WAITING_ON_DEPENDENCIES, Msg.WAITING_ON_DEPENDENCIES)
         if self.paused:
@@ -182,7 +204,7 @@ class _Pass:
         if self.running_weight > 0 and self.running_weight + weight > self.config.max_workers:
             message = Msg.WAITING_ON_WORKERS_HEAVY if weight > 1 else Msg.WAITING_ON_WORKERS
             return self.wait(job, StatusCode.WAITING_ON_WORKERS, message)
-        self.claim(job, weight)
+        return self.claim(job, weight)
 
     def dependencies(self, job: Job) -> tuple[Job | None, bool]:
         """(the first failed awaited job, whether any awaited job has not succeeded yet)."""
@@ -196,7 +218,7 @@ class _Pass:
             waiting = waiting or dep.state is not State.SUCCEEDED
         return None, waiting
 
-    def wait(self, job: Job, code: StatusCode, message: str) -> None:
+    def wait(self, job: Job, code: StatusCode, message: str) -> Decision | None:
         """Keep a job pending with this status, writing only when it changes."""
         if job.status_code is code and job.status_message == message:
             if self.now() - job.updated_at >= self.config.status_refresh_interval:
@@ -207,18 +229,20 @@ class _Pass:
                     refresh_updated_at=True,
                     refresh_after=int(self.config.status_refresh_interval),
                 )
-            return
-        self.save(job, State.PENDING, code, message)
+            return None
+        return self.change(job, State.PENDING, code, message)
 
-    def cancel(self, job: Job) -> None:
+    def cancel(self, job: Job) -> Decision:
         """A job cancelled before it started passes through RUNNING (for started_at) to FAILED."""
         at = int(self.now())
         started = transition(job, State.RUNNING, job.status_code, job.status_message, at=at)
-        self.save(started, State.FAILED, StatusCode.CANCELLED_BY_USER, Msg.CANCELLED, old=job)
+        return self.change(
+            started, State.FAILED, StatusCode.CANCELLED_BY_USER, Msg.CANCELLED, old=job
+        )
 
-    def claim(self, job: Job, weight: float) -> None:
+    def claim(self, job: Job, weight: float) -> Decision:
         """pending -> running/preparing, then start its worker."""
-        claimed = self.save(
+        claimed, logged = self.change(
             job,
             State.RUNNING,
             StatusCode.PREPARING,
@@ -229,12 +253,17 @@ class _Pass:
             error_detail=None,
             exit_code=None,
         )
-        self.running_weight += weight
-        self.start_worker(claimed)
+
+        def then(saved: Job) -> None:
+            logged(saved)
+            self.running_weight += weight
+            self.start_worker(saved)
+
+        return claimed, then
 
     # -- running jobs --
 
-    def supervise(self, job: Job) -> None:
+    def supervise(self, job: Job) -> Decision | None:
         """Restart a dead or stalled worker, or give up on the job after MAX_ATTEMPTS workers.
 
         A job with no worker recorded (a pass cut short between its claim or spawn and saving
@@ -249,13 +278,13 @@ class _Pass:
             )
             silent = self.now() - last if last is not None else 0.0
             if silent <= self.config.worker_stall_timeout:
-                return
+                return None
             reason = f"worker pid {pid} stalled (no heartbeat for {silent:.0f}s)"
             self.kill(pid, job.worker_started_at)
         elif worker_holds(self.config, job.id):
             # A worker we have no (live) pid for is driving it: it records itself shortly.
             log.debug("Job driven by an unrecorded worker; leaving it", extra={"job": job})
-            return
+            return None
         elif pid is not None:
             reason, died = f"worker pid {pid} died", True
         else:
@@ -279,31 +308,31 @@ class _Pass:
                 f"Giving up on job: {reason} (attempt {job.attempts} of {MAX_ATTEMPTS})",
                 extra={"job": job},
             )
-            self.save(
+            return self.change(
                 job,
                 State.FAILED,
                 code,
                 message,
                 error_detail=f"{reason}; {job.attempts} workers failed",
             )
-            return
-        self.restart_worker(job, reason, counted=True)
+        return self.restart_worker(job, reason, counted=True)
 
-    def restart_worker(self, job: Job, reason: str, *, counted: bool) -> None:
+    def restart_worker(self, job: Job, reason: str, *, counted: bool) -> Decision:
         """Forget the old worker, count an attempt unless told not to, and start another."""
         attempts = job.attempts + 1 if counted else job.attempts
-        again = db_queries.save_job(
-            self.conn, job.copy(attempts=attempts, worker_pid=None, worker_started_at=None)
-        )
-        self.jobs[job.id] = again
-        if counted:
-            note = f"Restarting worker: {reason} (attempt {again.attempts} of {MAX_ATTEMPTS})"
-        else:
-            note = f"Restarting worker: {reason} (not counted as an attempt)"
-        level = logging.WARNING if job.worker_pid is not None else logging.INFO
-        log.log(level, note, extra={"job": again})
-        self.record(job, again, note)
-        self.start_worker(again)
+        forgotten = job.copy(attempts=attempts, worker_pid=None, worker_started_at=None)
+
+        def then(again: Job) -> None:
+            if counted:
+                note = f"Restarting worker: {reason} (attempt {again.attempts} of {MAX_ATTEMPTS})"
+            else:
+                note = f"Restarting worker: {reason} (not counted as an attempt)"
+            level = logging.WARNING if job.worker_pid is not None else logging.INFO
+            log.log(level, note, extra={"job": again})
+            self.record(job, again, note)
+            self.start_worker(again)
+
+        return forgotten, then
 
     def start_worker(self, job: Job) -> None:
         """Spawn the job's worker and record who it is; a failure is left to the next pass."""
@@ -313,22 +342,20 @@ class _Pass:
             log.exception("Could not start a worker (the next pass retries)", extra={"job": job})
             return
         log.info(f"Started worker pid {pid}", extra={"job": job})
-        for _ in range(5):
-            try:
-                self.jobs[job.id] = db_queries.save_job(
-                    self.conn, job.copy(worker_pid=pid, worker_started_at=started)
-                )
-                return
-            except ConflictError:
-                # The new worker already wrote the job (e.g. a heartbeat-free step change).
-                fresh = db_queries.get_job(self.conn, job.id)
-                if fresh is None or fresh.state.is_final:
-                    return
-                job = fresh
+
+        def record_worker(current: Job) -> Job | None:
+            # After a lost race the new worker may already have moved the job on, or ended it.
+            if current.state.is_final:
+                return None
+            return current.copy(worker_pid=pid, worker_started_at=started)
+
+        saved, _ = db_queries.change_job(self.conn, job, record_worker)
+        if saved is not None:
+            self.jobs[job.id] = saved
 
     # -- writing --
 
-    def save(
+    def change(
         self,
         job: Job,
         state: State,
@@ -337,14 +364,15 @@ class _Pass:
         *,
         old: Job | None = None,
         **changes: Any,
-    ) -> Job:
-        """Move a job with the state machine, write it (compare-and-set), log and record it."""
+    ) -> Decision:
+        """Move a job with the state machine; once it is saved, log and record the change."""
         new = transition(job, state, code, message, at=int(self.now()), **changes)
-        new = db_queries.save_job(self.conn, new)
-        self.jobs[new.id] = new
-        log.info(message, extra={"job": new})
-        self.record(old or job, new, message)
-        return new
+
+        def then(saved: Job) -> None:
+            log.info(message, extra={"job": saved})
+            self.record(old or job, saved, message)
+
+        return new, then
 
     def record(self, old: Job, new: Job, message: str) -> None:
         """Remember a change for the caller."""
@@ -359,18 +387,6 @@ class _Pass:
                 message,
             )
         )
-
-
-def run_lock(config: Config, timeout: float) -> Any:
-    """The run lock (one pass at a time), acquired within timeout; None if it stayed busy."""
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(str(config.run_lock_path), timeout=timeout)
-    try:
-        lock.acquire()
-    except Timeout:
-        return None
-    return lock
 
 
 def after_job(config: Config, lock: Any, *, take_next: bool = False) -> str | None:

@@ -1,4 +1,4 @@
-"""Resource stats: the stats SQLite file (SPEC.md §3.6, §6.11) and per-job usage sampling.
+"""Resource stats: the stats SQLite file (docs/reference.md#files-and-directories) and per-job usage sampling.
 
 Each worker samples its own container while it runs. Samples go to STATS_DATABASE_FILE when one
 is configured, and always feed the job's usage summary (peak memory, CPU time) that finalising

@@ -1,7 +1,7 @@
-"""One sync pass with the jobs website (SPEC.md §4.5, improved): fetch, cancel, post, then create.
+"""One sync pass with the jobs website (docs/reference.md#jobs-website): fetch, cancel, post, then create.
 
 Status posts for known jobs go out before any git fetch for new requests, so a slow clone never
-delays what the website shows about running jobs (SPEC.md §9.1). What was last posted
+delays what the website shows about running jobs (as the old backend's did). What was last posted
 successfully is remembered in `job_post`, so jobs of requests the website no longer lists still
 get their final state posted, and an outage is caught up in full on the first good pass.
 """
@@ -20,7 +20,6 @@ from urllib.parse import urlsplit, urlunsplit
 from jobrunner_lib.core.config import Config
 from jobrunner_lib.core.models import Job, JobRequest
 from jobrunner_lib.jobs.create import RetryLater, handle_request
-from jobrunner_lib.store import db
 from jobrunner_lib.store import queries as db_queries
 from jobrunner_lib.website.client import (
     JobServerClient,
@@ -40,26 +39,6 @@ CATCHUP_HORIZON = 7 * 86400
 CREATE_RESERVE = 0.25
 WIRE_KEYS = ("id", "job_request_id", "action", "state", "status_code", "status_message",
              "run_command", "created_at", "updated_at", "started_at", "completed_at")  # fmt: skip
-
-# Jobs whose state or updated_at differs from what was last posted, found without reading the
-# job history: active jobs (the partial state index, whose condition must be written exactly
-# so), recently created jobs (created_at index), and jobs last posted while still active (a scan
-# of job_post's small rows).
-# Missed: a job created before the horizon that went final -> final (a retry) between two
-# passes, in a request the website no longer lists; rare, and the website keeps the old failure.
-_DIFFERS = (
-    "(p.job_id IS NULL OR p.posted_updated_at IS NOT j.updated_at OR p.posted_state IS NOT j.state)"
-)
-CHANGED_SQL = f"""
-SELECT j.id, j.job_request_id FROM job j LEFT JOIN job_post p ON p.job_id = j.id
-WHERE j.state NOT IN ('failed', 'succeeded') AND {_DIFFERS}
-UNION
-SELECT j.id, j.job_request_id FROM job j LEFT JOIN job_post p ON p.job_id = j.id
-WHERE j.created_at >= ? AND {_DIFFERS}
-UNION
-SELECT j.id, j.job_request_id FROM job_post p JOIN job j ON j.id = p.job_id
-WHERE p.posted_state NOT IN ('failed', 'succeeded') AND {_DIFFERS}
-"""
 
 
 @dataclass
@@ -115,7 +94,7 @@ def _run(
     for problem in problems:
         log.warning("Skipping malformed JobRequest: %s", problem)
     result.problems += len(problems)
-    requests = _to_requests(parsed, result)
+    requests = _only_ours(conn, config, _to_requests(parsed, result), result)
     result.requests_seen = len(requests)
 
     listed = _jobs_by_request(conn, [r.id for r in requests])
@@ -145,22 +124,6 @@ def _run(
         _post(conn, client, fresh, ids, deadline, limit, result)
 
 
-def post_requests(
-    config: Config,
-    conn: sqlite3.Connection,
-    client: JobServerClient,
-    request_ids: Sequence[str],
-    *,
-    deadline: float,
-) -> SyncResult:
-    """POST every job of these requests now (e.g. after jr-retry), recording what was accepted."""
-    result = SyncResult()
-    groups = _jobs_by_request(conn, request_ids)
-    changed = set(_changed_since_post(conn))
-    _post(conn, client, groups, changed, deadline, config.sync_time_limit, result)
-    return result
-
-
 def _to_requests(parsed: Iterable[dict[str, Any]], result: SyncResult) -> list[JobRequest]:
     requests = []
     for item in parsed:
@@ -170,6 +133,31 @@ def _to_requests(parsed: Iterable[dict[str, Any]], result: SyncResult) -> list[J
             log.warning("Skipping malformed JobRequest %s: %s", item.get("id"), exc)
             result.problems += 1
     return requests
+
+
+def _only_ours(
+    conn: sqlite3.Connection, config: Config, requests: list[JobRequest], result: SyncResult
+) -> list[JobRequest]:
+    """The requests meant for this backend. The website picks what it lists by the token, not by
+    `?backend=`, so a token of another backend (or a website bug) lists another backend's work:
+    it is never run nor answered here, and said once per request in the log."""
+    ours = []
+    for request in requests:
+        if request.backend is None or request.backend == config.backend:
+            ours.append(request)
+            continue
+        result.problems += 1
+        flag = f"foreign-request:{request.id}"
+        if db_queries.get_flag(conn, flag) is None:
+            log.warning(
+                "Ignoring JobRequest for backend %r: this is backend %r (is JOB_SERVER_TOKEN "
+                "this backend's token?)",
+                request.backend,
+                config.backend,
+                extra={"req": request.id},
+            )
+            db_queries.set_flag(conn, flag, request.backend)
+    return ours
 
 
 def _jobs_by_request(conn: sqlite3.Connection, request_ids: Sequence[str]) -> dict[str, list[Job]]:
@@ -199,18 +187,13 @@ def _flag_cancelled(conn: sqlite3.Connection, request: JobRequest, jobs: list[Jo
 
 def _changed_since_post(conn: sqlite3.Connection) -> dict[str, str]:
     """{job id: request id} of jobs whose state or updated_at differs from what was last posted."""
-    since = int(time.time()) - CATCHUP_HORIZON
-    return {row[0]: row[1] for row in conn.execute(CHANGED_SQL, (since,))}
+    return db_queries.changed_since_posted(conn, int(time.time()) - CATCHUP_HORIZON)
 
 
 def _record_posted(conn: sqlite3.Connection, jobs: Sequence[Job]) -> None:
     # The values as read before posting: if the run side moved a job on meanwhile, it still
     # differs from this record and goes out again on the next pass.
-    with db.transaction(conn):
-        conn.executemany(
-            "INSERT OR REPLACE INTO job_post (job_id, posted_updated_at, posted_state) VALUES (?, ?, ?)",
-            [(j.id, j.updated_at, j.state.value) for j in jobs],
-        )
+    db_queries.record_posted(conn, jobs)
 
 
 def _post(
@@ -229,7 +212,7 @@ def _post(
         try:
             items = [job_to_wire({k: getattr(j, k) for k in WIRE_KEYS}) for j in jobs]
         except ValueError as exc:
-            # Posting the rest would make the website delete the job left out (SPEC §4.4 rule 3).
+            # Posting the rest would make the website delete the job left out (docs/reference.md#posting-job-states).
             log.error("Cannot post this request's jobs: %s", exc, extra={"req": request_id})
             result.problems += 1
             continue

@@ -106,9 +106,10 @@ def next_job(
     the lock across the save keeps a service pass from starting that job in a new process first.
     If a pass holds the lock for long, the state is saved anyway and that pass carries on.
     """
-    from jobrunner_lib.jobs.run import after_job, run_lock  # lazily: only when a job ends here
+    from jobrunner_lib.jobs.locks import take_run_lock  # lazily: only when a job ends here
+    from jobrunner_lib.jobs.run import after_job
 
-    lock = run_lock(config, AFTER_JOB_LOCK_WAIT)
+    lock = take_run_lock(config, AFTER_JOB_LOCK_WAIT)
     if lock is None:
         final = save()
         after_job(config, None)
@@ -180,11 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"worker: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logs.setup("run", config.loglevel, debug_log_file=config.debug_log_file)
-    for secret in (
-        config.job_server_token,
-        config.private_repo_access_token,
-        *config.database_urls.values(),
-    ):
+    for secret in config.secrets:
         logs.register_secret(secret)
     return _drive_from(config, args[0])
 

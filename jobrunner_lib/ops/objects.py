@@ -1,31 +1,30 @@
 """Small helpers the operator tools share: is the service running, stop a job's worker, remove a
 job's Docker objects, hold the run-pass lock, who is at the keyboard.
+
+A job's objects (docker/jobobjects.py) and the hung-container flags (jobs/hung.py) live below,
+where the run side's cleanup uses them too; they are re-exported here for the tools.
 """
 
 from __future__ import annotations
 
-import getpass
 import logging
-import os
 import re
 import socket
-import sqlite3
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from jobrunner_lib.core.config import Config
-from jobrunner_lib.core.errors import TemporaryFailure, UsageError
+from jobrunner_lib.core.config import Config, user_name
+from jobrunner_lib.core.errors import UsageError
 from jobrunner_lib.core.models import Job
-from jobrunner_lib.docker import engine as docker
-from jobrunner_lib.store import queries as db_queries
+from jobrunner_lib.docker.jobobjects import job_objects as job_objects
+from jobrunner_lib.docker.jobobjects import remove_job_objects as remove_job_objects
+from jobrunner_lib.jobs.hung import hung_containers as hung_containers
+from jobrunner_lib.jobs.hung import hung_objects_of as hung_objects_of
 
 log = logging.getLogger(__name__)
 
 PID_FILE = "service.pid"
-HUNG_PREFIX = "hung:"
 # How long a killed worker may take to disappear before we go on without waiting.
 WORKER_EXIT_WAIT = 5.0
 
@@ -77,95 +76,9 @@ def stop_worker(job: Job, wait: float = WORKER_EXIT_WAIT) -> str | None:
     return f"killed worker pid {pid}"
 
 
-def job_objects(config: Config, job_id: str) -> list[tuple[str, str]]:
-    """(kind, name) of the job's objects that exist: container, helper, volume (a Docker volume's
-    name, or a host-stored volume's directory)."""
-    from jobrunner_lib.docker import volumes
-
-    found = []
-    for kind, name in (
-        ("container", docker.container_name(job_id)),
-        ("helper", docker.helper_name(job_id)),
-    ):
-        if docker.inspect_container(name) is not None:
-            found.append((kind, name))
-    if docker.volume_exists(docker.volume_name(job_id)):
-        found.append(("volume", docker.volume_name(job_id)))
-    if volumes.on_host(config, job_id):
-        found.append(("volume", str(volumes.host_dir(config, job_id))))
-    return found
-
-
-def remove_job_objects(config: Config, job_id: str) -> list[str]:
-    """Remove the job's containers, helper and volume (containers first); the names removed."""
-    from jobrunner_lib.docker import volumes
-
-    present = job_objects(config, job_id)
-    for kind, name in present:
-        if kind != "volume":
-            docker.remove_container(name)
-    for kind, name in present:
-        if kind == "volume" and name == docker.volume_name(job_id):
-            docker.remove_volume(name)
-        elif kind == "volume":
-            volumes.remove_host_dir(config, Path(name))
-    return [name for _, name in present]
-
-
-def hung_containers(conn: sqlite3.Connection) -> dict[str, str]:
-    """Containers the copy guard flagged as hung (`hung:<name>` flags): name -> flag value."""
-    return {
-        name[len(HUNG_PREFIX) :]: value
-        for name, value in db_queries.flags(conn, HUNG_PREFIX).items()
-    }
-
-
-def hung_objects_of(job_id: str, hung: dict[str, str]) -> list[str]:
-    """Which of the job's containers are flagged hung (calls to them may never return)."""
-    return [n for n in (docker.container_name(job_id), docker.helper_name(job_id)) if n in hung]
-
-
-@contextmanager
-def run_lock(config: Config, timeout: float) -> Iterator[None]:
-    """Hold jr-run-once's lock, so no pass starts or claims a job while we change things."""
-    from filelock import FileLock, Timeout  # lazily: only the tools that change jobs need it
-
-    config.workdir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(config.run_lock_path))
-    try:
-        lock.acquire(timeout=timeout)
-    except Timeout:
-        raise TemporaryFailure(
-            f"a jr-run-once pass still holds {config.run_lock_path} after {timeout:g}s; try again"
-        ) from None
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def try_run_lock(config: Config) -> object | None:
-    """Take jr-run-once's lock if it is free right now; the held lock (call .release()) or None."""
-    from filelock import FileLock, Timeout
-
-    config.workdir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(config.run_lock_path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return None
-    return lock
-
-
 def operator() -> str:
     """`<user>@<host>` of whoever runs the tool (JR_USER overrides the login name)."""
-    user = os.environ.get("JR_USER")
-    if not user:
-        try:
-            user = getpass.getuser()
-        except Exception:  # noqa: BLE001 - no login name is not worth failing for
-            user = "unknown"
-    return f"{user}@{socket.gethostname()}"
+    return f"{user_name()}@{socket.gethostname()}"
 
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw]?)$")

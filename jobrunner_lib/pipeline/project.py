@@ -1,6 +1,6 @@
 """project.yaml: load it, validate it as the official parser does, and resolve `needs`.
 
-jr accepts exactly what the official parser (opensafely 2.0.4, "main" in PIPELINE-RULES.md)
+jr accepts exactly what the official parser (opensafely 2.0.4; docs/pipeline.md)
 accepts and rejects the rest with the same words, but reports every problem at once with its
 action and line, rejects `needs` cycles and names unsafe in log lines, file names or URLs
 (pipeline_names), and turns the inputs that crash the official parser into ordinary validation
@@ -136,7 +136,7 @@ def _make_action(spec: ActionSpec) -> Action:
 
 
 def check_project(doc: YamlDocument) -> ProjectCheck:
-    """Every rule of PIPELINE-RULES.md over parsed YAML, in §9 order, collecting all problems."""
+    """Every rule of docs/pipeline.md over parsed YAML, in §9 order, collecting all problems."""
     result = ProjectCheck()
     result.problems.extend(_yaml_problems(doc))
     data = doc.data

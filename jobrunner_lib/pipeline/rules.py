@@ -1,8 +1,8 @@
-"""The project.yaml validation rules (PIPELINE-RULES.md), collecting every problem found.
+"""The project.yaml validation rules (docs/pipeline.md), collecting every problem found.
 
 Each message carries the official parser's own words (opensafely 2.0.4) so that anyone who
 searches for the official message finds jr's; jr adds the action, the line and, where it can, a
-hint. The order of checks follows PIPELINE-RULES.md §9, so the first message is the one the
+hint. The order of checks follows docs/pipeline.md §9, so the first message is the one the
 official parser would have shown.
 """
 

@@ -1,4 +1,4 @@
-"""The state store: `workdir/db.sqlite` (SPEC.md §3.6), shared safely by many processes.
+"""The state store: `workdir/db.sqlite` (docs/architecture.md#the-state-store), shared safely by many processes.
 
 WAL mode and a busy timeout let the service loop, workers and operators' tools use it at once.
 Writes are short `BEGIN IMMEDIATE` transactions (taking the write lock up front means no

@@ -1,18 +1,19 @@
 """Jobs, requests and flags in the state store: rows decoded into Jobs, and every query on them.
 
 Writes that must not be half done take db.transaction(); a job is saved by compare-and-set on its
-revision (update_job), so a change made meanwhile by another process is never overwritten.
+revision (update_job), so a change made meanwhile by another process is never overwritten. Every
+change to a job goes through change_job, which decides again on the fresh row after a lost race.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import fields
 from typing import Any
 
-from jobrunner_lib.core.errors import ConflictError
+from jobrunner_lib.core.errors import ConflictError, JobKeepsChanging
 from jobrunner_lib.core.models import Job, JobRequest, State, StatusCode
 from jobrunner_lib.store.db import transaction
 
@@ -24,6 +25,9 @@ JSON_COLUMNS = {
     "unmatched_outputs",
     "input_files",
 }
+# A job that ran (or will run) something: not a request's "nothing to do" answer (jobs.create),
+# a succeeded job of an action with no command and no outputs, which must never stand for it.
+RAN = "COALESCE(run_command, '') != ''"
 BOOL_COLUMNS = {"cancelled", "requires_db"}
 JOB_COLUMNS = [f.name for f in fields(Job)]
 # The run side never writes `cancelled` (sync owns it), so a cancel is never overwritten; liveness
@@ -155,6 +159,40 @@ def save_job(conn: sqlite3.Connection, job: Job) -> Job:
         return update_job(conn, job)
 
 
+# Lost races in a row before change_job gives up. A race is lost only to another lifecycle write
+# of the same job (heartbeats do not bump the revision), so even two loses in a row are rare.
+CONFLICT_RETRIES = 10
+
+
+def change_job(
+    conn: sqlite3.Connection, job: Job, change: Callable[[Job], Job | None]
+) -> tuple[Job | None, bool]:
+    """Save change(job) by compare-and-set; after a lost race, re-read the row and change that.
+
+    `change` decides on the job as it is now: it returns the job to save, or None (or the job it
+    was given, unchanged) when there is nothing to do; it may raise to stop. It is called first
+    with `job` as the caller read it, then once per lost race with the fresh row.
+    Returns (the job as saved, True), (the job as it is, False) when change decided nothing is to
+    be done, or (None, False) when the row is gone. After CONFLICT_RETRIES lost races it gives up
+    with JobKeepsChanging (a TemporaryFailure: a tool exits 75, a loop looks again next pass).
+    """
+    for _ in range(CONFLICT_RETRIES):
+        new = change(job)
+        if new is None or new is job:
+            return job, False
+        try:
+            return save_job(conn, new), True
+        except ConflictError:
+            fresh = get_job(conn, job.id)
+            if fresh is None:
+                return None, False
+            job = fresh
+    raise JobKeepsChanging(
+        f"job {job.id} keeps changing (another process changed it {CONFLICT_RETRIES} times "
+        "while we were changing it); try again"
+    )
+
+
 def get_job(conn: sqlite3.Connection, job_id: str) -> Job | None:
     """One job by full id."""
     row = conn.execute("SELECT * FROM job WHERE id = ?", (job_id,)).fetchone()
@@ -201,10 +239,11 @@ def request_exists(conn: sqlite3.Connection, request_id: str) -> bool:
 
 
 def latest_jobs_by_action(conn: sqlite3.Connection, workspace: str) -> dict[str, Job]:
-    """The workspace state: per action, its newest job that is not cancelled and not `__error__`."""
+    """The workspace state: per action, its newest job that is not cancelled and not `__error__`
+    (nor a request's "nothing to do" answer, which ran nothing: no run_command)."""
     rows = conn.execute(
         "SELECT * FROM job WHERE workspace = ? AND action != '__error__' AND NOT cancelled "
-        "ORDER BY action, created_at, rowid",
+        f"AND {RAN} ORDER BY action, created_at, rowid",
         (workspace,),
     )
     latest: dict[str, Job] = {}
@@ -228,7 +267,7 @@ def latest_succeeded_job(
     """The newest succeeded job of an action in a workspace (whose outputs are on disk)."""
     row = conn.execute(
         "SELECT * FROM job WHERE workspace = ? AND action = ? AND state = 'succeeded' AND id != ? "
-        "ORDER BY created_at DESC, rowid DESC LIMIT 1",
+        f"AND {RAN} ORDER BY created_at DESC, rowid DESC LIMIT 1",
         (workspace, action, exclude_id or ""),
     ).fetchone()
     return job_from_row(row) if row else None
@@ -242,7 +281,7 @@ def workspace_outputs(
     """
     rows = conn.execute(
         "SELECT action, state, output_spec, outputs FROM job "
-        "WHERE workspace = ? AND action != '__error__' AND id != ? "
+        f"WHERE workspace = ? AND action != '__error__' AND id != ? AND {RAN} "
         "ORDER BY action, created_at, rowid",
         (workspace, exclude_id or ""),
     )
@@ -320,6 +359,18 @@ def search_ids(conn: sqlite3.Connection, fragment: str, *, limit: int = 1000) ->
     return [job_from_row(r) for r in rows]
 
 
+def ids_containing(conn: sqlite3.Connection, fragment: str, limit: int) -> list[tuple[str, str]]:
+    """(job id, action) and (request id, `request`) pairs whose id contains the fragment (lower
+    case), for tab completion: only two columns, so it stays quick whatever the history."""
+    frag = fragment.lower()
+    rows = conn.execute(
+        "SELECT id, action FROM job WHERE instr(id, ?) > 0 UNION "
+        "SELECT DISTINCT job_request_id, 'request' FROM job WHERE instr(job_request_id, ?) > 0 LIMIT ?",
+        (frag, frag, limit),
+    )
+    return [(row[0], row[1]) for row in rows]
+
+
 def set_cancelled(conn: sqlite3.Connection, request_id: str, actions: Iterable[str]) -> int:
     """Flag a request's non-final jobs for these actions as cancelled (sync side); returns the count."""
     actions = list(actions)
@@ -332,6 +383,43 @@ def set_cancelled(conn: sqlite3.Connection, request_id: str, actions: Iterable[s
             [request_id, *ACTIVE_STATES, *actions],
         )
     return cur.rowcount
+
+
+# Jobs whose state or updated_at differs from what was last posted, found without reading the
+# job history: active jobs (the partial state index, whose condition must be written exactly
+# so), recently created jobs (created_at index), and jobs last posted while still active (a scan
+# of job_post's small rows).
+# Missed: a job created before the horizon that went final -> final (a retry) between two
+# passes, in a request the website no longer lists; rare, and the website keeps the old failure.
+_DIFFERS = (
+    "(p.job_id IS NULL OR p.posted_updated_at IS NOT j.updated_at OR p.posted_state IS NOT j.state)"
+)
+_CHANGED_SINCE_POSTED = f"""
+SELECT j.id, j.job_request_id FROM job j LEFT JOIN job_post p ON p.job_id = j.id
+WHERE j.state NOT IN ('failed', 'succeeded') AND {_DIFFERS}
+UNION
+SELECT j.id, j.job_request_id FROM job j LEFT JOIN job_post p ON p.job_id = j.id
+WHERE j.created_at >= ? AND {_DIFFERS}
+UNION
+SELECT j.id, j.job_request_id FROM job_post p JOIN job j ON j.id = p.job_id
+WHERE p.posted_state NOT IN ('failed', 'succeeded') AND {_DIFFERS}
+"""
+
+
+def changed_since_posted(conn: sqlite3.Connection, created_since: int) -> dict[str, str]:
+    """{job id: request id} of jobs whose state or updated_at differs from what was last posted
+    to the jobs website (record_posted), among active jobs, jobs created since `created_since`
+    and jobs last posted while active."""
+    return {row[0]: row[1] for row in conn.execute(_CHANGED_SINCE_POSTED, (created_since,))}
+
+
+def record_posted(conn: sqlite3.Connection, jobs: Sequence[Job]) -> None:
+    """Remember what was posted of these jobs (their updated_at and state as given)."""
+    with transaction(conn):
+        conn.executemany(
+            "INSERT OR REPLACE INTO job_post (job_id, posted_updated_at, posted_state) VALUES (?, ?, ?)",
+            [(j.id, j.updated_at, j.state.value) for j in jobs],
+        )
 
 
 def get_flag(conn: sqlite3.Connection, name: str) -> str | None:

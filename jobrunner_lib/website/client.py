@@ -1,4 +1,4 @@
-"""Client for the jobs website API (SPEC §4): fetch active job requests, push job statuses.
+"""Client for the jobs website API (docs/reference.md#jobs-website): fetch active job requests, push job statuses.
 
 The wire format itself (parsing requests, encoding jobs, batching) is wire.py's; the
 retries and timeouts bound to the overall time limit are http.py's.
@@ -18,7 +18,12 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from jobrunner_lib import __version__
 from jobrunner_lib.core.errors import ConfigError, JrError, TemporaryFailure
 from jobrunner_lib.website.http import _deadline_classes
-from jobrunner_lib.website.wire import group_contiguously, parse_job_request
+from jobrunner_lib.website.wire import (
+    MalformedRequest,
+    group_contiguously,
+    malformed_request,
+    parse_job_request,
+)
 
 if TYPE_CHECKING:
     import requests
@@ -33,7 +38,7 @@ MASK = "********"
 DEADLINE_GRACE = 0.5
 
 
-# The exceptions are JrErrors, so tools map them to STYLE.md exit codes without extra code:
+# The exceptions are JrErrors, so tools map them to exit codes (docs/architecture.md#errors-and-exit-codes) without extra code:
 # auth -> 78 (ConfigError), unavailable -> 75 (TemporaryFailure), anything else -> 1.
 class JobServerError(JrError):
     """Any failure talking to the jobs website."""
@@ -68,7 +73,7 @@ class JobServerRejected(JobServerError):
 
 
 class _BareTokenAuth:
-    """Send the bare token (SPEC §4.1); as session auth it also stops requests using ~/.netrc."""
+    """Send the bare token (docs/reference.md#jobs-website); as session auth it also stops requests using ~/.netrc."""
 
     def __init__(self, token: str) -> None:
         self._token = token
@@ -97,7 +102,7 @@ class JobServerClient:
         backoff_factor: float = 0.5,
         user_agent: str | None = None,
     ) -> None:
-        # An empty token makes today's server return every backend's work (SPEC §4.7).
+        # An empty token makes today's server return every backend's work (docs/reference.md#jobs-website).
         if not isinstance(token, str) or not token.strip():
             raise ValueError("JOB_SERVER_TOKEN is empty; refusing to talk to the jobs website")
         # A stray CR or space from an edited .env would otherwise surface as a 403 or as an
@@ -172,14 +177,18 @@ class JobServerClient:
             for obj in body["results"]:
                 try:
                     parsed = parse_job_request(obj)
-                except ValueError as exc:
+                except MalformedRequest as exc:
+                    # Answered on the website (an __error__ job saying why), not skipped.
+                    parsed = malformed_request(exc, obj)
+                except ValueError as exc:  # no usable identifier: nothing can answer it
                     problems.append(self._mask(f"request {_label(obj, index)}: {exc}"))
-                else:
-                    # Offset paging shifts when a newer request arrives between pages, so the
-                    # same request can show up twice; the first sighting wins.
-                    if parsed["id"] not in seen:
-                        seen.add(parsed["id"])
-                        found.append(parsed)
+                    index += 1
+                    continue
+                # Offset paging shifts when a newer request arrives between pages, so the
+                # same request can show up twice; the first sighting wins.
+                if parsed["id"] not in seen:
+                    seen.add(parsed["id"])
+                    found.append(parsed)
                 index += 1
             url, offset = self._next_page(body.get("next"), offset, url)
         log.debug(

@@ -1,4 +1,4 @@
-"""The jobs website's wire format (SPEC §4), pure: parse job requests, encode jobs, batch them.
+"""The jobs website's wire format (docs/reference.md#jobs-website), pure: parse job requests, encode jobs, batch them.
 
 No HTTP here (that is client.py): a malformed request raises ValueError saying what is wrong,
 so the client can report it and go on with the others.
@@ -48,11 +48,23 @@ def _str_list(obj: Mapping[str, Any], key: str, *, required: bool) -> list[str]:
 MAX_IDENTIFIER = 100
 
 
+class MalformedRequest(ValueError):
+    """A request with a usable identifier but a field jr cannot use (a workspace with no repo,
+    a missing sha, ...): it gets an answer on the website, an `__error__` job saying why."""
+
+    def __init__(self, identifier: str, problem: str):
+        super().__init__(f"request {identifier}: {problem}")
+        self.identifier, self.problem = identifier, problem
+
+
 _BAD_IDENTIFIER = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 
 
 def parse_job_request(obj: dict) -> dict:
-    """Normalise one wire job request (SPEC §4.3, window or today's shape) into SPEC §3.1's shape."""
+    """Normalise one wire job request (2021's or today's shape) into JobRequest's fields.
+
+    The fields: docs/reference.md#fetching-requests.
+    """
     if not isinstance(obj, dict):
         raise ValueError(f"not an object but {type(obj).__name__}")
     identifier = _require(obj, "identifier", (str, int))
@@ -65,16 +77,23 @@ def parse_job_request(obj: dict) -> dict:
             f"'identifier' must be at most {MAX_IDENTIFIER} characters without spaces or "
             "control characters"
         )
+    try:
+        return _fields(obj, str(identifier))
+    except ValueError as exc:
+        raise MalformedRequest(str(identifier), str(exc)) from None
+
+
+def _fields(obj: dict, identifier: str) -> dict:
     workspace = _require(obj, "workspace", dict)
     # Today's server drops workspace.db for a top-level database_name; old servers only have db.
     database_name = obj.get("database_name")
     if not isinstance(database_name, str) or not database_name:
         database_name = _optional(workspace, "db", str, "", "workspace.")
     return {
-        "id": str(identifier),
+        "id": identifier,
         "repo_url": _require(workspace, "repo", str, "workspace."),
         "commit": _require(obj, "sha", str),
-        # A missing branch becomes "" so request validation (§5.8) fails it visibly as an
+        # A missing branch becomes "" so request validation (docs/lifecycle.md#creating-jobs) fails it visibly as an
         # __error__ job instead of the request being skipped where only the log shows it.
         "branch": _optional(workspace, "branch", str, "", "workspace."),
         "requested_actions": _str_list(obj, "requested_actions", required=True),
@@ -84,6 +103,31 @@ def parse_job_request(obj: dict) -> dict:
         "force_run_dependencies": _optional(obj, "force_run_dependencies", bool, False),
         "codelists_ok": _optional(obj, "codelists_ok", bool, True),
         "created_by": _optional(obj, "created_by", str, None),
+        # Which backend the website meant it for (the token decides what it lists, not ?backend=).
+        "backend": _optional(obj, "backend", str, None),
+        "original": obj,
+    }
+
+
+def malformed_request(exc: MalformedRequest, obj: Any) -> dict:
+    """JobRequest fields for a malformed request: what could be read, and the problem."""
+    obj = obj if isinstance(obj, dict) else {}
+    workspace = obj.get("workspace") if isinstance(obj.get("workspace"), dict) else {}
+
+    def text(value: Any) -> str:
+        return value if isinstance(value, str) else ""
+
+    return {
+        "id": exc.identifier,
+        "repo_url": text(workspace.get("repo")),
+        "commit": text(obj.get("sha")) or None,
+        "branch": text(workspace.get("branch")),
+        "requested_actions": [],
+        "cancelled_actions": [],
+        "workspace": text(workspace.get("name")),
+        "database_name": text(obj.get("database_name")) or text(workspace.get("db")),
+        "backend": obj.get("backend") if isinstance(obj.get("backend"), str) else None,
+        "problem": exc.problem,
         "original": obj,
     }
 
@@ -97,12 +141,12 @@ def _wire_time(value: Any, name: str) -> str | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be unix seconds, got {type(value).__name__}")
-    # Whole seconds with a literal Z: the format the website has always received (SPEC §4.4).
+    # Whole seconds with a literal Z: the format the website has always received (docs/reference.md#posting-job-states).
     return iso(value)
 
 
 def job_to_wire(job: Mapping[str, Any]) -> dict:
-    """Encode a job mapping as one item of the `POST jobs/` body (SPEC §4.4)."""
+    """Encode a job mapping as one item of the `POST jobs/` body (docs/reference.md#posting-job-states)."""
     created_at = _wire_time(job.get("created_at"), "created_at")
     if created_at is None:
         raise ValueError(f"job {job.get('id')} has no created_at, which the website requires")
@@ -124,7 +168,7 @@ def job_to_wire(job: Mapping[str, Any]) -> dict:
 def group_contiguously(jobs: list[dict], batch_size: int) -> list[list[dict]]:
     """Split jobs into batches keeping each request's jobs together and contiguous."""
     # The website deletes a request's jobs missing from each consecutive run of that request in
-    # a POST (SPEC §4.4 rule 3), so a request must never be split within or across batches.
+    # a POST (docs/reference.md#posting-job-states), so a request must never be split within or across batches.
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     groups: dict[str, list[dict]] = {}

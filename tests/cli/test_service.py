@@ -12,17 +12,11 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import ROOT, tool_env
+from tests.support.waiting import wait_for
 
 SERVICE = ROOT / "service" / "jr-service"
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="signals are sent the POSIX way here")
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 class Service:
@@ -167,7 +161,7 @@ def test_signal_while_sleeping_exits_0_promptly(
     service: Callable[..., Service], tmp_path: Path, how: str
 ) -> None:
     svc = service(POLL_INTERVAL="300", LOGLEVEL="DEBUG", **fake_bin(tmp_path))
-    wait_for(lambda: " serv sleeping up to 29" in svc.stderr)
+    wait_for(lambda: " serv sleeping up to 29" in svc.stderr, 20, "the service to sleep")
     # The operator tools find the running service through its pid file.
     assert (svc.workdir / "service.pid").read_text() == f"{svc.proc.pid}\n"
     if how == "SIGTERM":
@@ -188,9 +182,9 @@ def test_ctrl_c_during_a_pass_lets_the_pass_finish(
     service: Callable[..., Service], tmp_path: Path
 ) -> None:
     svc = service(POLL_INTERVAL="300", FAKE_RUN_BLOCK="1", **fake_bin(tmp_path))
-    wait_for(lambda: (tmp_path / "started").exists())
+    wait_for(lambda: (tmp_path / "started").exists(), 20, "the pass to start")
     os.killpg(svc.proc.pid, signal.SIGINT)
-    wait_for(lambda: "SIGINT received" in svc.stderr)
+    wait_for(lambda: "SIGINT received" in svc.stderr, 20, "the service to see the SIGINT")
     assert svc.proc.poll() is None  # still waiting for the pass
     (tmp_path / "go").write_text("")
     assert svc.wait(timeout=10) == 0

@@ -30,7 +30,9 @@ from jobrunner_lib.jobs.executor import ExecutorState, LocalDockerExecutor
 from jobrunner_lib.jobs.worker import drive_job
 from jobrunner_lib.store import db
 from jobrunner_lib.store import queries as db_queries
+from tests.support.cli import tool_env
 from tests.support.factories import Jobs
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -568,14 +570,10 @@ def test_stalled_copy_fails_job_marks_container_hung_and_touches_nothing(config,
     assert docker.volume_exists(docker.volume_name(job.id))  # nothing was cleaned up
 
 
-def test_worker_process_runs_a_job_to_success(config, jobs, tmp_path):
+def test_worker_process_runs_a_job_to_success(config, jobs):
     job = jobs.add("write", "python:v1 analysis/write.sh", THREE_LEVELS)
-    env = dict(
-        os.environ,
-        JR_ENV_FILE=str(tmp_path / "no.env"),
-        WORKDIR=str(config.workdir),
-        PYTHONPATH=str(CHECKOUT_DIR),
-        VOLUME_STORAGE=config.volume_storage,
+    env = tool_env(
+        config.workdir, PYTHONPATH=str(CHECKOUT_DIR), VOLUME_STORAGE=config.volume_storage
     )
     started = time.monotonic()
     proc = subprocess.run(
@@ -608,10 +606,8 @@ def test_second_worker_exits_quietly_while_the_lock_is_held(config, jobs):
 
 def test_worker_exits_75_and_leaves_the_job_when_docker_is_unreachable(config, jobs, tmp_path):
     job = jobs.add("write", "python:v1 analysis/write.sh", THREE_LEVELS)
-    env = dict(
-        os.environ,
-        JR_ENV_FILE=str(tmp_path / "no.env"),
-        WORKDIR=str(config.workdir),
+    env = tool_env(
+        config.workdir,
         PYTHONPATH=str(CHECKOUT_DIR),
         VOLUME_STORAGE=config.volume_storage,
         DOCKER_HOST=f"unix://{tmp_path}/no-docker.sock",
@@ -634,18 +630,27 @@ def test_worker_exits_75_and_leaves_the_job_when_docker_is_unreachable(config, j
     assert after.heartbeat_at is not None
 
 
-def test_worker_leaves_a_job_killed_by_an_operator_while_it_runs(config, jobs):
+def test_worker_leaves_a_job_killed_by_an_operator_while_it_runs(config, conn, jobs):
     job = jobs.add("sleep", "python:v1 analysis/sleep.sh", {"moderately_sensitive": {"x": "x.csv"}})
+    outcome: list[Job] = []
+    worker = threading.Thread(target=lambda: outcome.append(drive_job(config, job.id)), daemon=True)
+    worker.start()
 
-    def kill_by_admin() -> None:
-        c = db.connect(config.db_path)
-        current = db_queries.get_job(c, job.id)
-        db_queries.save_job(
-            c, transition(current, State.FAILED, StatusCode.KILLED_BY_ADMIN, Msg.KILLED)
-        )
-        docker.kill_container(docker.container_name(job.id))
+    def executing() -> bool:
+        info = docker.inspect_container(docker.container_name(job.id))
+        running = bool(info and info["State"].get("Running"))
+        return running and db_queries.get_job(conn, job.id).status_code is StatusCode.EXECUTING
 
-    threading.Timer(1.5, kill_by_admin).start()
-    done = drive_job(config, job.id)
+    # Killed once its container runs: the worker then only waits for it, saving nothing until it
+    # stops. (A fixed delay raced the worker's own saves and the container's start.)
+    wait_for(lambda: executing() or not worker.is_alive(), 60, "the job's container to run")
+    current = db_queries.get_job(conn, job.id)
+    assert current.status_code is StatusCode.EXECUTING, current.status_message
+    db_queries.save_job(
+        conn, transition(current, State.FAILED, StatusCode.KILLED_BY_ADMIN, Msg.KILLED)
+    )
+    docker.kill_container(docker.container_name(job.id))
+    worker.join(60)
+    (done,) = outcome
     assert (done.state, done.status_code) == (State.FAILED, StatusCode.KILLED_BY_ADMIN)
     assert not (config.high_privacy_storage_base / "logs").exists()  # not finalized by the worker

@@ -95,9 +95,9 @@ def test_fetch_follows_next_links_to_get_250_requests_over_three_pages(fake_jobs
     )
     calls = fake_jobserver.calls
     assert [c["path"] for c in calls] == [
-        "/api/v2/job-requests/?backend=test",
-        "/api/v2/job-requests/?backend=test&limit=100&offset=100",
-        "/api/v2/job-requests/?backend=test&limit=100&offset=200",
+        "/api/v2/job-requests/?backend=expectations",
+        "/api/v2/job-requests/?backend=expectations&limit=100&offset=100",
+        "/api/v2/job-requests/?backend=expectations&limit=100&offset=200",
     ]
     assert {c["authorization"] for c in calls} == {TOKEN}
 
@@ -123,7 +123,7 @@ def test_fetch_skips_requests_whose_jobs_have_all_completed(fake_jobserver, clie
     assert [r["id"] for r in found] == [active["identifier"]]
 
 
-def test_fetch_reports_a_malformed_request_and_returns_the_good_ones(fake_jobserver, client):
+def test_fetch_returns_a_malformed_request_with_its_problem_for_an_answer(fake_jobserver, client):
     good = [fake_jobserver.add_request()["identifier"] for _ in range(3)]
     no_sha = fake_jobserver.add_request()
     del no_sha["sha"]
@@ -132,11 +132,12 @@ def test_fetch_reports_a_malformed_request_and_returns_the_good_ones(fake_jobser
 
     found, problems = client.fetch_job_requests()
 
-    assert sorted(r["id"] for r in found) == sorted(good)
-    assert problems == [
-        f"request {no_workspace_name['identifier']}: missing 'workspace.name'",
-        f"request {no_sha['identifier']}: missing 'sha'",
-    ]
+    assert sorted(r["id"] for r in found if not r.get("problem")) == sorted(good)
+    assert {r["id"]: r["problem"] for r in found if r.get("problem")} == {
+        no_workspace_name["identifier"]: "missing 'workspace.name'",
+        no_sha["identifier"]: "missing 'sha'",
+    }
+    assert problems == []
 
 
 def test_fetch_names_a_request_without_identifier_by_its_position(fake_jobserver, client):
@@ -354,9 +355,9 @@ def test_fake_post_jobs_answers_403_as_the_website_does(fake_jobserver, headers,
 
 
 def test_fake_redirects_paths_without_trailing_slash_and_refuses_other_methods(fake_jobserver):
-    assert _call(fake_jobserver, "GET", "job-requests?backend=test").headers["Location"] == (
-        "/api/v2/job-requests/?backend=test"
-    )
+    assert _call(fake_jobserver, "GET", "job-requests?backend=expectations").headers[
+        "Location"
+    ] == ("/api/v2/job-requests/?backend=expectations")
     assert _call(fake_jobserver, "POST", "jobs", json=[]).status_code == 301
     assert _call(fake_jobserver, "PUT", "jobs/", json=[]).status_code == 405
     assert _call(fake_jobserver, "POST", "job-requests/", json=[]).status_code == 405

@@ -26,9 +26,10 @@ from jobrunner_lib.jobs.run import run_pass
 from jobrunner_lib.store import db
 from jobrunner_lib.store import queries as db_queries
 from tests.support.cli import BIN, run, tool_env
-from tests.support.e2e import wait_for
+from tests.support.env import scrub
 from tests.support.factories import insert_job, make_job, make_request
 from tests.support.studies import make_study
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -103,18 +104,7 @@ class Backend:
             root / "study", project, LOOK_SCRIPTS if scripts is None else scripts
         )
         self.patch = pytest.MonkeyPatch()
-        for name in (
-            "JOB_SERVER_ENDPOINT",
-            "JOB_SERVER_TOKEN",
-            "BACKEND",
-            "HIGH_PRIVACY_STORAGE_BASE",
-            "MEDIUM_PRIVACY_STORAGE_BASE",
-            "WORK_DIR",
-            "LOGLEVEL",
-            "JR_FAULT",
-            *settings,
-        ):
-            self.patch.delenv(name, raising=False)
+        scrub(self.patch, *settings)
         # run_pass and the workers it spawns read the same settings from the environment.
         for name, value in self.env.items():
             self.patch.setenv(name, value)
@@ -252,15 +242,6 @@ def backend(docker_ready, tmp_path_factory) -> Iterator[Backend]:
         yield scratch
     finally:
         scratch.close()
-
-
-@pytest.fixture
-def store(tmp_path):
-    """A private workdir with an empty store, for tests that need no real job."""
-    workdir = tmp_path / "workdir"
-    conn = db.connect(workdir / "db.sqlite")
-    yield workdir, conn
-    conn.close()
 
 
 # ---- IDs and errors (no Docker needed) -------------------------------------------------------

@@ -32,6 +32,7 @@ from jobrunner_lib.store import queries as db_queries
 from tests.support import cli
 from tests.support.factories import make_request
 from tests.support.studies import make_study
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -119,7 +120,6 @@ def env(workdir: Path, monkeypatch: pytest.MonkeyPatch, docker_ready) -> Iterato
     monkeypatch.setenv(docker.EXTRA_LABELS_ENV, TEST_LABEL)
     monkeypatch.setenv("JR_USER", "tester")
     monkeypatch.setenv("MAX_WORKERS", "4")
-    monkeypatch.delenv("JR_FAULT", raising=False)
     yield workdir
     if (workdir / "db.sqlite").exists():
         conn = db.connect(workdir / "db.sqlite")
@@ -133,13 +133,6 @@ def env(workdir: Path, monkeypatch: pytest.MonkeyPatch, docker_ready) -> Iterato
 @pytest.fixture
 def config(env) -> Config:
     return load_config()
-
-
-@pytest.fixture
-def conn(config) -> Iterator:
-    connection = db.connect(config.db_path)
-    yield connection
-    connection.close()
 
 
 @pytest.fixture(scope="module")
@@ -158,15 +151,6 @@ def add_jobs(workdir: Path, repo: Path, *actions: str) -> list[str]:
     result = tool(workdir, "jr-add-job", str(repo), *actions, "-o", "ids")
     assert result.returncode == 0, result.stderr
     return result.stdout.split()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
-    """Poll until condition() is true, failing the test after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def drive(
@@ -251,7 +235,10 @@ def test_kill_pending_job_never_starts_and_a_second_kill_changes_nothing(config,
     (row,) = rows(result)
     assert (row["id"], row["state"], row["status_code"]) == (jid, "failed", "killed_by_admin")
     job = get(conn, jid)
-    assert job.status_message.startswith("Killed by admin (jr-kill by tester@")
+    assert job.status_message == "Killed by admin"
+    assert job.error_detail.startswith("killed by tester@") and job.error_detail.endswith(
+        " with jr-kill"
+    )
     assert job.completed_at is not None and job.started_at is None
     assert run.run_pass(config, conn) == []  # nothing to start
     assert objects(jid) == {"container": False, "helper": False, "volume": False}
@@ -278,7 +265,7 @@ def test_kill_running_job_stops_worker_and_container_keeps_log_then_cleanup(conf
     log_txt = job_log(config, jid)
     assert log_txt is not None
     text = log_txt.read_text()
-    assert "going to sleep" in text and "Killed by admin (jr-kill by tester@" in text
+    assert "going to sleep" in text and "\n\nKilled by admin\n" in text
     assert (
         json.loads((log_txt.parent / "metadata.json").read_text())["status_code"]
         == "killed_by_admin"
@@ -308,7 +295,8 @@ def test_kill_finished_job_keeps_its_state_and_cleanup_clears_leftovers(config, 
     # The worker cleans up after saving the final state; let it finish first.
     wait_for(
         lambda: not processes.worker_alive(done.worker_pid, done.worker_started_at),
-        what="the worker",
+        60,
+        "the worker",
     )
     processes.reap_children()
     # A leftover volume, as a crash during cleanup would leave.

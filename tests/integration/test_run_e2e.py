@@ -99,7 +99,7 @@ def test_a_nonzero_exit_fails_the_job_with_the_exit_code_in_its_message(rig, tmp
     (log_dir,) = rig.log_dirs(jid)
     logs = (log_dir / "logs.txt").read_text()
     assert "oops" in logs and "exit_code: 7" in logs and "state: failed" in logs
-    # SPEC §2.1: a failed job's outputs are still copied out.
+    # A failed job's outputs are still copied out (docs/reference.md#finalize).
     assert (rig.high / "workspaces/test/output/t.csv").read_text() == "partial\n"
     no_objects_left(rig)
 

@@ -16,7 +16,7 @@ from jobrunner_lib.core.config import Config, load_config
 from jobrunner_lib.core.models import ERROR_ACTION, Msg, State, StatusCode, transition
 from jobrunner_lib.jobs import sync as sync_module
 from jobrunner_lib.jobs.create import RetryLater
-from jobrunner_lib.jobs.sync import WIRE_KEYS, SyncResult, post_requests, sync_pass
+from jobrunner_lib.jobs.sync import WIRE_KEYS, SyncResult, sync_pass
 from jobrunner_lib.store import db
 from jobrunner_lib.store import queries as db_queries
 from jobrunner_lib.website.client import JobServerClient, JobServerUnavailable
@@ -257,17 +257,57 @@ def test_an_unsafe_action_name_reaches_the_website_as_an_error_job_saying_why(ba
     )
 
 
-def test_a_malformed_request_is_skipped_and_logged_and_the_others_are_handled(backend, caplog):
+def test_a_malformed_request_gets_an_error_job_saying_why_and_the_others_are_handled(
+    backend, caplog
+):
     first, second = backend.bad_request(), backend.bad_request()
     broken = backend.server.add_request(workspace={"repo": BAD_REPO})
     del broken["sha"]
+    # As the deployed website sends a workspace whose repository was deleted: repo is null.
+    no_repo = backend.server.add_request(workspace={"repo": None})
+    # No usable identifier: nothing can answer it, so it is logged and skipped.
+    nameless = backend.server.add_request(identifier="has spaces and\nlines")
     result = backend.sync()
-    assert (result.requests_seen, result.problems, result.jobs_created) == (2, 1, 2)
+    assert (result.requests_seen, result.problems, result.jobs_created) == (4, 1, 4)
     assert set(backend.server.jobs_for(first)) and set(backend.server.jobs_for(second))
+    for request, problem in ((broken, "missing 'sha'"), (no_repo, "missing 'workspace.repo'")):
+        (job,) = backend.server.jobs_for(request["identifier"]).values()
+        assert (job["action"], job["status"]) == ("__error__", "failed")
+        assert job["status_message"] == (
+            f"JobRequestError: The jobs website sent a request jr cannot run: {problem}; check "
+            "the workspace on the website (its repository, branch and database)"
+        )
+        assert not backend.server.is_active(request["identifier"])  # answered, so it ends
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert (
-        f"Skipping malformed JobRequest: request {broken['identifier']}: missing 'sha'" in warnings
-    )
+    assert any(w.startswith("Skipping malformed JobRequest: request ") for w in warnings)
+    assert backend.server.jobs_for(nameless["identifier"]) == {}
+    again = backend.sync()
+    assert again.jobs_created == 0  # each is answered once
+
+
+def test_requests_of_another_backend_are_never_run_nor_answered(
+    tmp_path, fake_jobserver, study, caplog
+):
+    # The website picks what it lists by the token: with another backend's token, jr sees that
+    # backend's work. Its BACKEND says which requests are its own.
+    other = make_backend(tmp_path, fake_jobserver, BACKEND="other", USING_DUMMY_DATA_BACKEND="1")
+    try:
+        rid = other.request(*study)
+        result = other.sync()
+        assert (result.requests_seen, result.jobs_created, result.jobs_posted) == (0, 0, 0)
+        assert db_queries.jobs_for_request(other.conn, rid) == []
+        assert fake_jobserver.jobs_for(rid) == {} and fake_jobserver.is_active(rid)
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert said == [
+            "Ignoring JobRequest for backend 'expectations': this is backend 'other' (is "
+            "JOB_SERVER_TOKEN this backend's token?)"
+        ]
+        caplog.clear()
+        other.sync()  # said once per request, not every pass
+        assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    finally:
+        other.client.close()
+        other.conn.close()
 
 
 def test_a_rejected_post_is_logged_with_its_errors_and_the_pass_goes_on(
@@ -451,15 +491,3 @@ def test_a_request_that_cannot_be_fetched_or_crashes_is_skipped_and_retried(
     assert "database is locked" in by_req[crashing].getMessage()
     monkeypatch.setattr(sync_module, "handle_request", real)
     assert backend.sync().jobs_created == 2
-
-
-def test_post_requests_sends_whole_requests_and_records_them(backend, study):
-    rid = backend.request(*study)
-    backend.sync()
-    report = next(j for j in db_queries.jobs_for_request(backend.conn, rid) if j.action == "report")
-    backend.move(report.id, RUNNING, at=int(time.time()) + 5)  # e.g. what jr-retry just did
-    deadline = time.monotonic() + 10
-    result = post_requests(backend.config, backend.conn, backend.client, [rid], deadline=deadline)
-    assert result.jobs_posted == 3 and list(result.changed) == [report.id]
-    assert backend.server.jobs_for(rid) == backend.local(rid)
-    assert backend.sync().changed == {}

@@ -112,7 +112,7 @@ def test_website_request_runs_and_the_website_ends_with_every_final_state(
     stamps = sorted({_ts(job["updated_at"]) for job in history})
     assert len(stamps) >= 3, stamps
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    # With a 2 s refresh the gaps stay far below the minute the website allows (SPEC.md §3.7);
+    # With a 2 s refresh the gaps stay far below the minute jr allows (docs/reference.md#last-updated);
     # the bound leaves room for a loaded machine.
     assert max(gaps) <= 15, gaps
     assert fake_jobserver.token not in result.stderr

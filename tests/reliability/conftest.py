@@ -7,14 +7,12 @@ fixture, passed to jr through JR_EXTRA_LABELS) and is removed afterwards, pass o
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from jobrunner_lib.core.config import Config, load_config
 from jobrunner_lib.docker import engine as docker
-from jobrunner_lib.store import db
 from tests.support.studies import make_study
 
 SOAK = os.environ.get("JR_SOAK") == "1"
@@ -43,14 +41,6 @@ def make_config(base: Path, **env: str) -> Config:
 def config(tmp_path: Path) -> Config:
     """A dummy-data backend in tmp_path."""
     return make_config(tmp_path)
-
-
-@pytest.fixture
-def conn(config: Config) -> Iterator:
-    """A connection to the config's database."""
-    connection = db.connect(config.db_path)
-    yield connection
-    connection.close()
 
 
 def script(body: str) -> str:

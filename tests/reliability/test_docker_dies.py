@@ -68,12 +68,15 @@ def backend(tmp_path: Path, *, live_restore: bool = False) -> Iterator[tuple[Pri
 
 def wait_all_final(rig: Rig, ids: list[str], timeout: float) -> dict[str, dict]:
     """Wait until every job is final and its worker has cleaned up and gone; the rows by action."""
-    deadline = time.monotonic() + timeout
-    while not all(j["state"] in FINAL for j in rig.jobs(ids).values()):
-        if time.monotonic() > deadline:
-            left = [(j["action"], j["state"], j["status_message"]) for j in rig.jobs(ids).values()]
-            pytest.fail(f"jobs not final after {timeout}s: {left}")
-        time.sleep(0.2)
+    wait_for(
+        lambda: all(j["state"] in FINAL for j in rig.jobs(ids).values()),
+        timeout,
+        "every job to be final",
+        interval=0.2,
+        explain=lambda: str(
+            [(j["action"], j["state"], j["status_message"]) for j in rig.jobs(ids).values()]
+        ),
+    )
     rig.wait_workers_gone(timeout=60)
     return rig.by_action(ids)
 

@@ -32,6 +32,7 @@ from jobrunner_lib.jobs.worker import drive_job
 from jobrunner_lib.store import db
 from tests.reliability.conftest import SOAK, make_config, study_with
 from tests.support.factories import Jobs
+from tests.support.waiting import wait_for
 
 
 def docker_test(test):
@@ -322,7 +323,7 @@ def test_job_reaches_no_network_unless_it_needs_the_database(tmp_path, study, ne
         "1.1.1.1:53",  # a public DNS server: no lookups, no exfiltration through DNS
         "93.184.215.14:80",  # a public web server
     ]
-    # A real-data backend: only database jobs get a network there (SPEC.md §6.5).
+    # A real-data backend: only database jobs get a network there (docs/architecture.md#docker-objects-and-labels).
     config = make_config(
         tmp_path,
         BACKEND="tpp",
@@ -490,12 +491,15 @@ def test_a_job_cannot_see_another_jobs_volume(config, jobs, tmp_path):
 
 def wait_for_log(container: str, text: bytes, timeout: float) -> None:
     """Wait until the container exists and has printed text."""
-    deadline = time.monotonic() + timeout
-    while docker.inspect_container(container) is None or text not in b"".join(
-        docker.container_logs(container, timestamps=False)
-    ):
-        assert time.monotonic() < deadline, f"{container} never printed {text!r}"
-        time.sleep(0.1)
+    wait_for(
+        lambda: (
+            docker.inspect_container(container) is not None
+            and text in b"".join(docker.container_logs(container, timestamps=False))
+        ),
+        timeout,
+        f"{container} to print {text!r}",
+        interval=0.1,
+    )
 
 
 # ---- outputs built to trick the copy -------------------------------------------------------------

@@ -7,28 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.support.env import scrubbed
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / "bin"
-
-# Settings that must never leak from the developer's shell or .env into a test.
-_SCRUB = (
-    "JOB_SERVER_ENDPOINT",
-    "JOB_SERVER_TOKEN",
-    "BACKEND",
-    "HIGH_PRIVACY_STORAGE_BASE",
-    "MEDIUM_PRIVACY_STORAGE_BASE",
-    "WORK_DIR",
-    "LOGLEVEL",
-    "MAX_WORKERS",
-    "DEBUG_LOG_FILE",
-    "STATS_DATABASE_FILE",
-    "USING_DUMMY_DATA_BACKEND",
-)
 
 
 def tool_env(workdir: Path, **extra: str) -> dict[str, str]:
     """An environment for a tool run: a private workdir, no .env, nothing inherited that matters."""
-    env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+    env = scrubbed(os.environ)
     env.update({"WORKDIR": str(workdir), "JR_ENV_FILE": str(workdir / "no.env"), "NO_COLOR": "1"})
     env.update(extra)
     return env

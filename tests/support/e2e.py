@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from tests.support.cli import BIN, ROOT, tool_env
+from tests.support.waiting import wait_for
 
 SERVICE = ROOT / "service" / "jr-service"
 TEST_LABEL_KEY = "org.jr.test"
@@ -44,20 +45,6 @@ def require_docker() -> None:
     for image in IMAGES:
         if not docker.image_exists(image):
             pytest.skip(f"image {image} missing: run scripts/build-images")
-
-
-def wait_for(
-    condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
-) -> Any:
-    """Poll until condition() is truthy and return its value; fail the test after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def tree(root: Path) -> dict[str, bytes]:

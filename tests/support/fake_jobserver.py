@@ -1,4 +1,4 @@
-"""A fake jobs website on 127.0.0.1: the server side of SPEC §4, with switchable faults."""
+"""A fake jobs website on 127.0.0.1: the server side of docs/reference.md#jobs-website, with switchable faults."""
 
 from __future__ import annotations
 
@@ -263,7 +263,7 @@ class FakeJobServer:
     def __init__(
         self,
         token: str = "secret-token",
-        backend: str = "test",
+        backend: str = "expectations",
         page_size: int = 100,
         *,
         strict_unknown_requests: bool = False,
@@ -342,9 +342,9 @@ class FakeJobServer:
     # ------------------------------------------------------------ state
 
     def add_request(self, shape: str | None = None, **overrides: Any) -> dict:
-        """Add a job request (SPEC §4.3) and return the stored dict; edit it to make it odd.
+        """Add a job request (docs/reference.md#fetching-requests) and return the stored dict; edit it to make it odd.
 
-        shape: None for the SPEC §4.3 example (both db fields), "window" (workspace.db only,
+        shape: None for today's shape plus workspace.db (both db fields), "window" (workspace.db only,
         no later fields) or "today" (top-level database_name, no workspace.db).
         A `workspace` override is merged into the default workspace when both are dicts.
         """
@@ -429,7 +429,7 @@ class FakeJobServer:
             return fault
 
     def _store(self, data: list[dict]) -> None:
-        # Rule 3 of SPEC §4.4, including its flaw: each *consecutive run* of a request replaces
+        # The website's rule (docs/reference.md#posting-job-states), including its flaw: each *consecutive run* of a request replaces
         # that request's job set, so a request split across the payload loses its earlier jobs.
         received = time.monotonic()
         for request_id, run in itertools.groupby(data, key=lambda j: j["job_request_id"]):

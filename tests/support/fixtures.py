@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.support.env import scrub
 from tests.support.fake_jobserver import FakeJobServer
 
 
@@ -19,7 +23,8 @@ def docker_ready() -> None:
 
 @pytest.fixture
 def fake_jobserver(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeJobServer]:
-    """A running fake jobs website on loopback (token "secret-token", backend "test")."""
+    """A running fake jobs website on loopback (token "secret-token", backend "expectations",
+    jr's default BACKEND: it lists this backend's requests)."""
     # An HTTP(S)_PROXY in the environment would otherwise route loopback calls to the proxy.
     for name in ("NO_PROXY", "no_proxy"):
         monkeypatch.setenv(name, "127.0.0.1,localhost")
@@ -31,20 +36,46 @@ def fake_jobserver(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeJobServer]:
 def workdir(tmp_path, monkeypatch: pytest.MonkeyPatch):
     """A private WORKDIR (and no .env) for in-process library calls and tool runs."""
     path = tmp_path / "workdir"
+    scrub(monkeypatch)
     monkeypatch.setenv("WORKDIR", str(path))
     monkeypatch.setenv("JR_ENV_FILE", str(tmp_path / "no.env"))
-    for name in (
-        "JOB_SERVER_ENDPOINT",
-        "JOB_SERVER_TOKEN",
-        "BACKEND",
-        "HIGH_PRIVACY_STORAGE_BASE",
-        "MEDIUM_PRIVACY_STORAGE_BASE",
-        "WORK_DIR",
-        "DEBUG_LOG_FILE",
-        "STATS_DATABASE_FILE",
-    ):
-        monkeypatch.delenv(name, raising=False)
     return path
+
+
+@pytest.fixture
+def store(tmp_path) -> Iterator[tuple[Path, sqlite3.Connection]]:
+    """A private workdir and its state store, empty: (workdir, connection)."""
+    from jobrunner_lib.store import db
+
+    workdir = tmp_path / "workdir"
+    conn = db.connect(workdir / "db.sqlite")
+    yield workdir, conn
+    conn.close()
+
+
+@pytest.fixture
+def conn(config) -> Iterator[sqlite3.Connection]:
+    """A connection to the state store of the test's `config` (its module or conftest has one)."""
+    from jobrunner_lib.store import db
+
+    connection = db.connect(config.db_path)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture
+def as_root() -> None:
+    """For a test of what jr does as root (as the service runs on a Linux backend).
+
+    Skipped, saying so, when the tests do not run as root; but under CI (`CI` set), which runs them
+    as root, not being root fails: a skip there would hide that the test no longer runs at all.
+    """
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return
+    why = "runs only as root: it tests what jr does as root, as the service runs on a backend"
+    if os.environ.get("CI"):
+        pytest.fail(f"{why}, and CI runs the tests as root (it does not here)")
+    pytest.skip(why)
 
 
 def remove_labelled(label: str) -> None:

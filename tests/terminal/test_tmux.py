@@ -7,11 +7,9 @@ the tmux server is killed in a finalizer.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,11 +18,11 @@ import pytest
 
 from jobrunner_lib.core.models import State, StatusCode
 from jobrunner_lib.docker import engine as docker
-from jobrunner_lib.store import db
 from jobrunner_lib.store import queries as db_queries
 from tests.integration.test_look_tools import Backend, ambiguous_jobs
 from tests.support.cli import BIN, ROOT, tool_env
 from tests.support.factories import insert_job
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(
     shutil.which("tmux") is None,
@@ -75,16 +73,15 @@ class Tmux:
     ) -> str:
         """Poll the screen until it contains the text (or check(screen) holds); return the screen."""
         test = (lambda s: check in s) if isinstance(check, str) else check
-        deadline = time.monotonic() + timeout
-        while True:
+        screen = ""
+
+        def shows() -> bool:
+            nonlocal screen
             screen = self.screen()
-            if test(screen):
-                return screen
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"timed out waiting for {what or check!r}; the screen shows:\n{screen}"
-                )
-            time.sleep(0.1)
+            return test(screen)
+
+        wait_for(shows, timeout, what or repr(check), 0.1, lambda: f"the screen shows:\n{screen}")
+        return screen
 
     def run(self, command: str) -> str:
         """Type a command and Enter; it will print `END<n>:<exit code>` when done. Returns the marker."""
@@ -121,15 +118,6 @@ class Tmux:
 
 
 @pytest.fixture
-def store(tmp_path):
-    """A private workdir and its store."""
-    workdir = tmp_path / "workdir"
-    conn = db.connect(workdir / "db.sqlite")
-    yield workdir, conn
-    conn.close()
-
-
-@pytest.fixture
 def terminal(store) -> Iterator[Tmux]:
     """A terminal whose tools use the private workdir."""
     workdir, _ = store
@@ -157,9 +145,6 @@ def test_ls_pick_chooses_between_ambiguous_jobs_with_the_picker(store, terminal)
     assert terminal.output(marker) == [wanted.id]
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("jobrunner_lib.cli.kill") is None, reason="jr-kill not written yet"
-)
 def test_kill_of_an_ambiguous_fragment_picks_then_confirms_on_the_terminal(store, terminal):
     _, conn = store
     fragment, (other, wanted) = ambiguous_jobs(conn)

@@ -251,3 +251,11 @@ def test_git_proxy_host_accepts_host_and_port(tmp_path, value):
     assert cfg(tmp_path, GIT_PROXY_HOST=value, GIT_PROXY_SCHEME="HTTP").git_proxy_scheme == "http"
     with pytest.raises(ConfigError, match="GIT_PROXY_SCHEME='ftp' is invalid"):
         cfg(tmp_path, GIT_PROXY_HOST=value, GIT_PROXY_SCHEME="ftp")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
+def test_a_number_setting_must_be_finite(tmp_path, value):
+    # MAX_WORKERS=nan would remove the capacity limit; WORKER_STALL_TIMEOUT=nan kill every worker.
+    for name in ("MAX_WORKERS", "WORKER_STALL_TIMEOUT", "POLL_INTERVAL"):
+        with pytest.raises(ConfigError, match=f"{name}='{value}' is not a number"):
+            cfg(tmp_path, **{name: value})

@@ -1,4 +1,4 @@
-"""Requests into jobs (SPEC.md §5.7): reuse, force, failed dependencies, errors, idempotence."""
+"""Requests into jobs (docs/lifecycle.md#creating-jobs): reuse, force, failed dependencies, errors, idempotence."""
 
 from __future__ import annotations
 
@@ -112,15 +112,17 @@ def test_run_all_reruns_every_action_even_after_failures(setup):
     ]
 
 
-def test_requesting_only_scheduled_actions_is_an_error_job(setup):
+def test_requesting_only_scheduled_actions_succeeds_as_the_upstream_runner_answers(setup):
     config, conn, repo, sha = setup
-    handle_request(config, conn, request(repo, sha, ["extract"]))
+    (scheduled,) = handle_request(config, conn, request(repo, sha, ["extract"])).jobs
     outcome = handle_request(config, conn, request(repo, sha, ["extract"]))
-    assert [j.action for j in outcome.jobs] == ["__error__"]
-    assert (
-        outcome.jobs[0].status_message
-        == "JobRequestError: All requested actions were already scheduled to run"
-    )
+    ((action, state, message),) = [(j.action, j.state, j.status_message) for j in outcome.jobs]
+    assert (action, state) == ("extract", State.SUCCEEDED)
+    assert message == "All requested actions were already scheduled to run"
+    # The answer ran nothing: it never stands for the action (its latest job is still the real one).
+    assert db_queries.latest_jobs_by_action(conn, "ws")["extract"].id == scheduled.id
+    finish(conn, [scheduled])
+    assert db_queries.latest_succeeded_job(conn, "ws", "extract").id == scheduled.id
 
 
 def test_unknown_action_becomes_one_failed_error_job(setup):

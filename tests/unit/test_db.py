@@ -111,14 +111,15 @@ def test_cancel_flags_only_unfinished_jobs_and_survives_run_side_writes(tmp_path
 def test_workspace_state_ignores_cancelled_and_error_jobs(tmp_path):
     conn = db.connect(tmp_path / "db.sqlite")
     req1, req2 = make_request(), make_request()
-    old = make_job(req1, "a", State.SUCCEEDED, code=StatusCode.SUCCEEDED)
-    newer = make_job(req2, "a", State.FAILED, code=StatusCode.NONZERO_EXIT)
+    old = make_job(req1, "a", State.SUCCEEDED, code=StatusCode.SUCCEEDED, run_command="python:v1 a")
+    newer = make_job(req2, "a", run_command="python:v1 a")  # pending, so cancelling flags it
     err = make_job(req2, "__error__", State.FAILED, code=None)
     db_queries.insert_request(conn, req1, [old])
     db_queries.insert_request(conn, req2, [newer, err])
-    assert db_queries.latest_jobs_by_action(conn, "ws")["a"].id == newer.id
-    db_queries.set_cancelled(conn, req2.id, ["a"])  # failed is final: not flagged
-    assert "__error__" not in db_queries.latest_jobs_by_action(conn, "ws")
+    assert db_queries.latest_jobs_by_action(conn, "ws") == {"a": newer}
+    assert db_queries.set_cancelled(conn, req2.id, ["a"]) == 1
+    # The cancelled newer job no longer counts: the older one is the workspace's state again.
+    assert db_queries.latest_jobs_by_action(conn, "ws") == {"a": old}
 
 
 def _hammer(path: str, job_ids: list[str], count: int) -> None:

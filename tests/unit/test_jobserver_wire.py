@@ -47,6 +47,7 @@ def today_request() -> dict:
 
 def test_parse_window_shape_request_reads_database_from_workspace_db():
     parsed = parse_job_request(copy.deepcopy(WINDOW_REQUEST))
+    assert parsed.pop("backend") == "tpp"
     assert parsed == {
         "id": "k3v7q2m4x6z8b2c4",
         "repo_url": "https://github.com/opensafely/covid-vax",

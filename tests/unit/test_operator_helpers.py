@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib.cli.kill import kill_message
 from jobrunner_lib.cli.prune import (
     container_kind,
     dangling_images,
@@ -20,11 +19,13 @@ from jobrunner_lib.cli.prune import (
     stale_temp,
     usage_total,
 )
-from jobrunner_lib.cli.retry import refusal
 from jobrunner_lib.core.config import Config
 from jobrunner_lib.core.errors import UsageError
 from jobrunner_lib.core.models import Msg, State, StatusCode, transition
+from jobrunner_lib.jobs import locks
 from jobrunner_lib.ops import objects as service
+from jobrunner_lib.ops.kill import kill_message
+from jobrunner_lib.ops.retry import refusal
 from tests.support.factories import make_job, make_request
 
 NOW = 1_800_000_000
@@ -122,9 +123,9 @@ def test_operator_is_user_at_host(monkeypatch):
 
 
 def test_run_lock_is_exclusive(cfg):
-    with service.run_lock(cfg, timeout=1):
-        assert service.try_run_lock(cfg) is None
-    lock = service.try_run_lock(cfg)
+    with locks.holding_run_lock(cfg, 1, busy="busy"):
+        assert locks.take_run_lock(cfg) is None
+    lock = locks.take_run_lock(cfg)
     assert lock is not None
     lock.release()
 
@@ -132,12 +133,10 @@ def test_run_lock_is_exclusive(cfg):
 # ---- jr-kill and jr-retry ----------------------------------------------------------------------
 
 
-def test_kill_message_names_who_and_a_cancelled_job_says_cancelled():
+def test_kill_message_is_the_old_backends_and_a_cancelled_job_says_cancelled():
     active = job(State.PENDING)
-    assert kill_message(active, "bob@host") == (
-        StatusCode.KILLED_BY_ADMIN,
-        "Killed by admin (jr-kill by bob@host)",
-    )
+    # Who killed it is jr's business (its log, error_detail), not the researcher's.
+    assert kill_message(active, "bob@host") == (StatusCode.KILLED_BY_ADMIN, "Killed by admin")
     assert kill_message(active.copy(cancelled=True), "bob@host") == (
         StatusCode.CANCELLED_BY_USER,
         Msg.CANCELLED,

@@ -1,4 +1,4 @@
-"""Output glob matching and routing (SPEC.md §5.4, §2, §6.6)."""
+"""Output glob matching and routing (docs/outputs.md, docs/reference.md#finalize)."""
 
 from __future__ import annotations
 

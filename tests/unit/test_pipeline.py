@@ -1,4 +1,4 @@
-"""project.yaml parsing and validation: one test per rule of PIPELINE-RULES.md, plus jr's own."""
+"""project.yaml parsing and validation: one test per rule of docs/pipeline.md, plus jr's own."""
 
 from __future__ import annotations
 

@@ -10,7 +10,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,11 @@ import pytest
 from jobrunner_lib.core.config import CHECKOUT_DIR, Config
 from jobrunner_lib.core.models import Job, Msg, State, StatusCode
 from jobrunner_lib.jobs import processes
-from jobrunner_lib.jobs.run import WORKER_DIED, Change, after_job, run_lock, run_pass
+from jobrunner_lib.jobs.locks import take_run_lock
+from jobrunner_lib.jobs.run import WORKER_DIED, Change, after_job, run_pass
 from jobrunner_lib.store import db
 from jobrunner_lib.store import queries as db_queries
+from tests.support.waiting import wait_for
 
 
 class Workers:
@@ -49,10 +50,9 @@ class Workers:
 
 
 @pytest.fixture
-def conn(tmp_path: Path) -> Iterator[sqlite3.Connection]:
-    connection = db.connect(tmp_path / "db.sqlite")
-    yield connection
-    connection.close()
+def config(tmp_path: Path) -> Config:
+    """make_config's defaults: its store, tmp_path/db.sqlite, is the `conn` fixture's."""
+    return make_config(tmp_path)
 
 
 @pytest.fixture
@@ -562,13 +562,6 @@ def test_pass_over_large_history_handles_only_active_jobs(
 # ---- real processes (the defaults of run_pass) ----------------------------------------------
 
 
-def wait_for(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
-
-
 @pytest.mark.skipif(os.name == "nt", reason="uses a POSIX shell as the fake worker")
 def test_spawn_worker_starts_a_detached_logged_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -582,13 +575,13 @@ def test_spawn_worker_starts_a_detached_logged_process(
         assert os.getsid(pid) == pid  # its own session: a Ctrl-C to the service does not reach it
         assert processes.worker_alive(pid, started)
         log_file = tmp_path / "logs" / "workers.log"
-        wait_for(lambda: "path:" in log_file.read_text())
+        wait_for(lambda: "path:" in log_file.read_text(), 10, "the worker's log lines")
         text = log_file.read_text()
         assert "args: -m jobrunner_lib.jobs.worker abcd1234abcd1234" in text
         assert f"path: {CHECKOUT_DIR}{os.pathsep}" in text
     finally:
         processes.kill_worker(pid, started)
-    wait_for(lambda: not processes.worker_alive(pid, started))
+    wait_for(lambda: not processes.worker_alive(pid, started), 10, "the worker to exit")
     processes.reap_children()
     assert processes._WORKERS == []
 
@@ -633,7 +626,7 @@ def test_after_job_wakes_the_service_only_when_it_has_something_to_do(
         config = dataclasses.replace(config, job_server_endpoint="http://127.0.0.1:9/api/v2")
     if pending:
         add(conn, "next")
-    lock = run_lock(config, 1)
+    lock = take_run_lock(config, 1)
     try:
         taken = after_job(config, lock, take_next=True)
     finally:

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import tarfile
 import threading
-import time
 
 import pytest
 
@@ -72,26 +71,77 @@ def test_names_and_labels_carry_the_job_id_and_extra_test_labels(monkeypatch):
 # -- the hung-copy guard --
 
 
-def test_guard_abandons_a_copy_that_stops_moving():
+class Clock:
+    """tarstream's clock, moved on by the test: the guard sees exactly the time the test says."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class WatchedProgress(tarstream.Progress):
+    """Progress that lets the copy wait until the guard has looked at it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.looks = 0
+        self.looked = threading.Condition()
+
+    def idle_for(self) -> float:
+        idle = super().idle_for()
+        with self.looked:
+            self.looks += 1
+            self.looked.notify_all()
+        return idle
+
+    def guard_looks_again(self) -> bool:
+        """Wait until the guard has looked at the progress as it is now."""
+        with self.looked:
+            # The second look from now: the first may have read the clock before this call.
+            after = self.looks + 1
+            return self.looked.wait_for(lambda: self.looks > after, timeout=30)
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr(tarstream, "time", clock)
+    return clock
+
+
+def test_guard_abandons_a_copy_that_stops_moving(clock):
     progress = tarstream.Progress()
-    release = threading.Event()
-    started = time.monotonic()
-    with pytest.raises(tarstream.CopyStalled):
-        tarstream.run_guarded(lambda: release.wait(10), progress, 0.3, "copy")
-    assert time.monotonic() - started < 5  # far below the 10 s the copy would have taken
-    assert progress.abandoned.is_set()
+    release, finished = threading.Event(), threading.Event()
+
+    def stuck() -> None:
+        clock.advance(0.3 + 0.01)  # no byte moves for longer than the stall timeout ...
+        release.wait(10)  # ... while the copy hangs (until the test lets it go)
+        finished.set()
+
+    with pytest.raises(tarstream.CopyStalled, match="copy made no progress for 0.3s"):
+        tarstream.run_guarded(stuck, progress, 0.3, "copy")
+    assert progress.abandoned.is_set() and not finished.is_set()  # given up, not waited out
     release.set()
     with pytest.raises(tarstream.CopyStalled):
         progress.tick(1)  # the abandoned copy stops at its next chunk
 
 
-def test_guard_lets_a_slow_but_moving_copy_finish():
-    progress = tarstream.Progress()
+def test_guard_lets_a_slow_but_moving_copy_finish(clock):
+    progress = WatchedProgress()
 
     def slow() -> str:
-        for _ in range(6):
-            time.sleep(0.1)
+        for _ in range(6):  # 1.2 s in all, well over the stall timeout, but never idle that long
+            clock.advance(0.2)
             progress.tick(10)
+            assert progress.guard_looks_again()
         return "done"
 
     assert tarstream.run_guarded(slow, progress, 0.3, "copy") == "done"
@@ -320,20 +370,42 @@ def test_usage_tracks_peak_memory_cpu_time_and_percentage(tmp_path):
     assert "T" in stamp and not stamp.endswith("Z") and data == '{"containers": {}}'
 
 
+class SeenWaiting(threading.Event):
+    """A Sampler's stop event that tells the test once the sampler waits on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waiting.set()
+        return super().wait(timeout)
+
+
 def test_a_job_over_before_its_first_sample_is_not_sampled_a_longer_one_is(monkeypatch):
     calls: list[str] = []
+    two_samples = threading.Event()
     sample = {"memory_stats": {"usage": 500}, "cpu_stats": {"cpu_usage": {"total_usage": 10**9}}}
-    monkeypatch.setattr(docker, "container_stats", lambda name: calls.append(name) or sample)
-    monkeypatch.setattr(stats, "FIRST_SAMPLE_AFTER", 0.3)
-    short = stats.Sampler("os-job-short", "short", 1.0, None).start()
-    time.sleep(0.1)  # a trivial job: the daemon is left alone while it runs
+
+    def container_stats(name: str) -> dict:
+        calls.append(name)
+        if len(calls) >= 2:
+            two_samples.set()
+        return sample
+
+    monkeypatch.setattr(docker, "container_stats", container_stats)
+    monkeypatch.setattr(stats, "FIRST_SAMPLE_AFTER", 60.0)
+    # A trivial job: it ends while the sampler still waits for its first sample.
+    short = stats.Sampler("os-job-short", "short", 60.0, None)
+    short._stop = SeenWaiting()
+    short.start()
+    assert short._stop.waiting.wait(30)
     assert short.stop()["samples"] == 0 and calls == []
-    longer = stats.Sampler("os-job-long", "long", 0.05, None).start()
-    deadline = time.monotonic() + 10
-    while len(calls) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    # A longer one is sampled every interval (the interval is shorter than FIRST_SAMPLE_AFTER).
+    longer = stats.Sampler("os-job-long", "long", 0.01, None).start()
+    assert two_samples.wait(30)
     summary = longer.stop()
-    assert summary["samples"] >= 2 and summary["peak_memory_bytes"] == 500
+    assert summary["samples"] == len(calls) >= 2 and summary["peak_memory_bytes"] == 500
     assert set(calls) == {"os-job-long"}
 
 

@@ -1,4 +1,4 @@
-"""Job weights from the configured ini file (SPEC.md §6.1, with the old defects fixed)."""
+"""Job weights from the configured ini file (docs/reference.md#job-weights, the old defects fixed)."""
 
 from __future__ import annotations
 
