@@ -378,7 +378,8 @@ class LocalDockerExecutor(Executor):
             self.config.high_privacy_storage_base, job.id, final.completed_at or 0
         )
         for stale in remove_stale_temps([logs / "logs.txt", logs / "metadata.json"]):
-            log.info(f"Removed {stale}, left by an interrupted copy", extra={"job": job})
+            # Tagged with the final job: the store already says how it ended.
+            log.info(f"Removed {stale}, left by an interrupted copy", extra={"job": final})
         return final
 
     def cleanup(self, job: Job) -> None:

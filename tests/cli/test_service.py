@@ -121,6 +121,7 @@ def fake_bin(tmp_path: Path) -> dict[str, str]:
         "JR_SERVICE_BIN": str(bin_dir),
         "FAKE_DIR": str(tmp_path),
         "JOB_SERVER_ENDPOINT": "http://127.0.0.1:9/api/v2/",
+        "JOB_SERVER_TOKEN": "a-real-looking-token",  # valid settings: the service starts
     }
 
 
@@ -209,7 +210,7 @@ def test_failures_never_stop_the_loop(service: Callable[..., Service], tmp_path:
     assert (tmp_path / "run-once.calls").read_text() == "3"
 
 
-def test_sync_failure_does_not_hold_up_job_passes(
+def test_sync_failure_does_not_hold_up_job_passes_but_until_idle_says_so_at_the_end(
     service: Callable[..., Service], tmp_path: Path
 ) -> None:
     svc = service(
@@ -219,9 +220,69 @@ def test_sync_failure_does_not_hold_up_job_passes(
         FAKE_BUSY_UNTIL="3",
         **fake_bin(tmp_path),
     )
-    assert svc.wait() == 0, svc.stderr
+    # The jobs ran, but the website could not hear their final states: not a clean exit.
+    assert svc.wait() == 75, svc.stderr
     assert " serv jr-sync failed (exit 75): next sync in 0.25s; job passes go on\n" in svc.stderr
+    assert "but the last jr-sync failed (exit 75)" in svc.stderr
     assert (tmp_path / "run-once.calls").read_text() == "3"
+
+
+@pytest.mark.parametrize("tool", ["jr-sync", "jr-run-once"])
+def test_a_configuration_error_stops_the_service_with_78(
+    service: Callable[..., Service], tmp_path: Path, tool: str
+) -> None:
+    code = {"FAKE_SYNC_CODE": "78"} if tool == "jr-sync" else {"FAKE_RUN_CODES": "78"}
+    svc = service(POLL_INTERVAL="0.05", **code, **fake_bin(tmp_path))
+    assert svc.wait(timeout=30) == 78, svc.stderr
+    assert f" serv configuration error ({tool} exit 78; see the line above)" in svc.stderr
+
+
+def test_invalid_settings_at_start_stop_the_service_with_78(
+    service: Callable[..., Service], tmp_path: Path
+) -> None:
+    svc = service(POLL_INTERVAL="0.05", MAX_WORKERS="lots", **fake_bin(tmp_path))
+    assert svc.wait(timeout=30) == 78, svc.stderr
+    assert " serv configuration error: MAX_WORKERS='lots' is not a number" in svc.stderr
+    assert not (tmp_path / "run-once.calls").exists()
+
+
+FAKE_SLOW_SYNC = """
+import os, sys, time
+from pathlib import Path
+if "--help" in sys.argv:
+    print("usage: jr-sync [-o FORMAT] [--output FORMAT]")
+    sys.exit(0)
+fake = Path(os.environ["FAKE_DIR"])
+calls = fake / "sync.calls"
+calls.write_text(str(int(calls.read_text()) + 1 if calls.exists() else 1))
+while not (fake / "website-back").exists():  # a stalled website
+    time.sleep(0.05)
+"""
+
+
+def test_a_stalled_website_never_holds_up_job_passes(
+    service: Callable[..., Service], tmp_path: Path
+) -> None:
+    env = fake_bin(tmp_path)
+    (Path(env["JR_SERVICE_BIN"]) / "jr-sync").write_text(FAKE_SLOW_SYNC)
+    svc = service(POLL_INTERVAL="0.1", **env)
+    try:
+        # Passes go on (many of them) while the one jr-sync is stuck on the website.
+        wait_for(
+            lambda: (
+                int((tmp_path / "run-once.calls").read_text() or 0) >= 5
+                if (tmp_path / "run-once.calls").exists()
+                else False
+            ),
+            30,
+            "job passes while jr-sync is stuck",
+        )
+        assert (tmp_path / "sync.calls").read_text() == "1"  # never two at once
+        (tmp_path / "website-back").write_text("yes")
+        wait_for(lambda: (tmp_path / "sync.calls").read_text() != "1", 30, "the next jr-sync")
+    finally:
+        (tmp_path / "website-back").write_text("yes")
+        svc.stop()
 
 
 def test_sync_output_counts_as_a_change(service: Callable[..., Service], tmp_path: Path) -> None:
@@ -258,7 +319,7 @@ def test_poll_interval_comes_from_the_env_file(
     service: Callable[..., Service], tmp_path: Path
 ) -> None:
     env_file = tmp_path / "jr.env"
-    env_file.write_text('BACKEND=test\r\nPOLL_INTERVAL="0.5"  # seconds\r\n')
+    env_file.write_text('BACKEND=test\r\nUSING_DUMMY_DATA_BACKEND=yes\r\nPOLL_INTERVAL="0.5"  # seconds\r\n')
     svc = service("--once", JR_ENV_FILE=str(env_file), **fake_bin(tmp_path))
     assert svc.wait() == 0
     assert "(mode once, POLL_INTERVAL 0.5s, " in svc.stderr

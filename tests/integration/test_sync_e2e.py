@@ -116,3 +116,61 @@ def test_website_request_runs_and_the_website_ends_with_every_final_state(
     # the bound leaves room for a loaded machine.
     assert max(gaps) <= 15, gaps
     assert fake_jobserver.token not in result.stderr
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(180)
+def test_local_jobs_start_and_finish_while_the_website_stalls_sync(tmp_path, docker_label):
+    # A website that drip-feeds its answer holds jr-sync for its whole SYNC_TIME_LIMIT (here
+    # 120 s); the service's run passes must not wait for it: a job added meanwhile runs to the end.
+    import os
+    import signal
+
+    from tests.integration.test_website_as_deployed import DripServer
+    from tests.support.cli import run
+    from tests.support.waiting import wait_for
+
+    drip = DripServer("headers", interval=1.0, lifetime=150)
+    drip.thread.start()
+    repo, _ = make_study(tmp_path / "study")
+    workdir = tmp_path / "workdir"
+    settings = dict(
+        JOB_SERVER_ENDPOINT=f"http://127.0.0.1:{drip.port}/api/v2/",
+        JOB_SERVER_TOKEN="a-real-looking-token",
+        SYNC_TIME_LIMIT="120",
+        POLL_INTERVAL="1",
+        JR_EXTRA_LABELS=docker_label,
+    )
+    service = subprocess.Popen(
+        [str(ROOT / "service" / "jr-service")],
+        env=tool_env(workdir, **settings),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "service.err.log", "w"),
+        start_new_session=True,
+    )
+    try:
+        wait_for(
+            lambda: (
+                "running jr-sync" in (tmp_path / "service.err.log").read_text()
+                or (workdir / "service.pid").exists()
+            ),
+            30,
+            "the service to start",
+        )
+        added = run("jr-add-job", str(repo), "extract", "-o", "ids", workdir=workdir, **settings)
+        assert added.returncode == 0, added.stderr
+        (job_id,) = added.stdout.split()
+
+        def state() -> str:
+            shown = run("jr-ls", job_id, "-o", "tsv", workdir=workdir, **settings)
+            return shown.stdout.splitlines()[1].split("\t")[4] if shown.returncode == 0 else ""
+
+        wait_for(lambda: state() == "succeeded", 90, "the job to finish while sync is stuck")
+        log = (tmp_path / "service.err.log").read_text()
+        assert "jr-sync failed" not in log  # the one jr-sync was still stuck on the website
+    finally:
+        os.killpg(service.pid, signal.SIGKILL)
+        service.wait()
+        drip.stop.set()
+        drip.sock.close()
