@@ -24,7 +24,7 @@ from jobrunner_lib.core.config import Config
 from jobrunner_lib.core.errors import JobError
 from jobrunner_lib.core.models import Job, Outcome
 from jobrunner_lib.docker import engine as docker
-from jobrunner_lib.docker import extract, tarstream, volumes
+from jobrunner_lib.docker import extract, hostfs, tarstream, volumes
 from jobrunner_lib.docker import files as docker_files
 from jobrunner_lib.git import repos as git_repos
 from jobrunner_lib.git import runner as git
@@ -243,11 +243,11 @@ class LocalDockerExecutor(Executor):
                 code_only = self._volume_tar(
                     job, repo_url, commit, code, {}, marked, owner, marker=False
                 )
-                volumes.extract_on_host(host_root, code_only, owner, self.progress)
+                hostfs.extract_on_host(host_root, code_only, owner, self.progress)
                 for path, (action, source) in inputs.items():
                     log.info(f"Copying input file {action}: {path}", extra={"job": job})
-                    volumes.copy_into_host(host_root, path, source, owner, self.progress)
-                volumes.extract_on_host(
+                    hostfs.copy_into_host(host_root, path, source, owner, self.progress)
+                hostfs.extract_on_host(
                     host_root, self._marker_tar(owner, marked), owner, self.progress
                 )
             else:
@@ -307,7 +307,7 @@ class LocalDockerExecutor(Executor):
         code: Any,
         inputs: dict[str, tuple[str, Path]],
         marked: float,
-        owner: volumes.Owner | None = None,
+        owner: hostfs.Owner | None = None,
         *,
         marker: bool = True,
     ) -> Iterator[bytes]:
@@ -346,7 +346,7 @@ class LocalDockerExecutor(Executor):
             yield tarstream.end_of_archive()
 
     @staticmethod
-    def _marker_tar(owner: volumes.Owner, marked: float) -> Iterator[bytes]:
+    def _marker_tar(owner: hostfs.Owner, marked: float) -> Iterator[bytes]:
         """The marker and the archive's end. Last, so its presence means everything before it
         arrived; its mtime dates the files the job writes."""
         uid, gid = owner

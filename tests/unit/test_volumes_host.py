@@ -18,9 +18,9 @@ import pytest
 
 from jobrunner_lib.core.config import load_config
 from jobrunner_lib.core.errors import ConfigError
-from jobrunner_lib.docker import tarstream, volumes
+from jobrunner_lib.docker import hostfs, tarstream
 
-NO_OWNER: volumes.Owner = (None, None)
+NO_OWNER: hostfs.Owner = (None, None)
 MTIME = 1_600_000_000
 
 
@@ -60,7 +60,7 @@ def stream(*members: bytes) -> Iterator[bytes]:
 
 
 def extract(root: Path, *members: bytes) -> None:
-    volumes.extract_on_host(root, stream(*members), NO_OWNER, tarstream.Progress())
+    hostfs.extract_on_host(root, stream(*members), NO_OWNER, tarstream.Progress())
 
 
 @pytest.fixture
@@ -224,7 +224,7 @@ def job_left(root, outside) -> Path:
 
 
 def test_list_on_host_lists_regular_files_only_and_never_follows_a_link(job_left):
-    files = sorted(volumes.list_on_host(job_left), key=lambda f: f.path)
+    files = sorted(hostfs.list_on_host(job_left), key=lambda f: f.path)
     assert [(f.path, f.size) for f in files] == [("a.csv", 3), ("sub/b.csv", 2)]
     assert files[1].mtime == MTIME
 
@@ -237,7 +237,7 @@ def test_list_on_host_holds_few_files_open_however_many_directories(root):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(128, hard), hard))
     try:
-        files = volumes.list_on_host(root)
+        files = hostfs.list_on_host(root)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert sorted(f.path for f in files) == sorted(f"d{i}/sub/f.csv" for i in range(300))
@@ -245,7 +245,7 @@ def test_list_on_host_holds_few_files_open_however_many_directories(root):
 
 def test_list_on_host_closes_every_directory_it_opened(job_left, monkeypatch):
     before = len(os.listdir("/proc/self/fd"))
-    assert volumes.list_on_host(job_left)
+    assert hostfs.list_on_host(job_left)
     real = os.scandir
     listed = []
 
@@ -257,7 +257,7 @@ def test_list_on_host_closes_every_directory_it_opened(job_left, monkeypatch):
 
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(PermissionError):
-        volumes.list_on_host(job_left)
+        hostfs.list_on_host(job_left)
     monkeypatch.undo()
     assert len(os.listdir("/proc/self/fd")) == before
 
@@ -267,7 +267,7 @@ def test_list_on_host_closes_every_directory_it_opened(job_left, monkeypatch):
 def test_copy_out_of_host_refuses_anything_but_a_regular_file(job_left, tmp_path, rel):
     dest = tmp_path / "out" / "x.csv"
     with pytest.raises(tarstream.UnsafeArchive):
-        volumes.copy_out_of_host(job_left, rel, dest, tarstream.Progress())
+        hostfs.copy_out_of_host(job_left, rel, dest, tarstream.Progress())
     assert not dest.exists()
     assert not (tmp_path / "out").exists() or all_files(tmp_path / "out") == []
 
@@ -275,25 +275,25 @@ def test_copy_out_of_host_refuses_anything_but_a_regular_file(job_left, tmp_path
 @pytest.mark.parametrize("rel", ["../outside/secret.csv", "/etc/passwd", "sub/../a.csv"])
 def test_copy_out_of_host_refuses_an_unsafe_path(job_left, tmp_path, rel):
     with pytest.raises(tarstream.UnsafeArchive):
-        volumes.copy_out_of_host(job_left, rel, tmp_path / "x.csv", tarstream.Progress())
+        hostfs.copy_out_of_host(job_left, rel, tmp_path / "x.csv", tarstream.Progress())
     assert not (tmp_path / "x.csv").exists()
 
 
 def test_copy_out_of_host_copies_a_regular_file_through_a_temporary_name(job_left, tmp_path):
     dest = tmp_path / "out" / "deep" / "b.csv"
     progress = tarstream.Progress()
-    assert volumes.copy_out_of_host(job_left, "sub/b.csv", dest, progress) == 2
+    assert hostfs.copy_out_of_host(job_left, "sub/b.csv", dest, progress) == 2
     assert dest.read_text() == "bb"
     assert os.listdir(dest.parent) == ["b.csv"]  # the temporary file is gone
     assert progress.bytes == 2
 
 
 def test_copy_out_of_host_copies_a_file_bigger_than_one_piece(root, tmp_path, monkeypatch):
-    monkeypatch.setattr(volumes, "COPY_PIECE", 4096)
+    monkeypatch.setattr(hostfs, "COPY_PIECE", 4096)
     data = os.urandom(3 * 4096 + 17)
     (root / "big.bin").write_bytes(data)
     dest = tmp_path / "big.bin"
-    assert volumes.copy_out_of_host(root, "big.bin", dest, tarstream.Progress()) == len(data)
+    assert hostfs.copy_out_of_host(root, "big.bin", dest, tarstream.Progress()) == len(data)
     assert dest.read_bytes() == data
 
 
@@ -309,14 +309,14 @@ def an_input(tmp_path) -> Path:
     return path
 
 
-def copy_in(root: Path, rel: str, source: Path, owner: volumes.Owner = NO_OWNER) -> int:
+def copy_in(root: Path, rel: str, source: Path, owner: hostfs.Owner = NO_OWNER) -> int:
     progress = tarstream.Progress()
-    volumes.copy_into_host(root, rel, source, owner, progress)
+    hostfs.copy_into_host(root, rel, source, owner, progress)
     return progress.bytes
 
 
 def test_copy_into_host_writes_the_input_as_the_tar_stream_did(root, an_input, monkeypatch):
-    monkeypatch.setattr(volumes, "COPY_PIECE", 4096)
+    monkeypatch.setattr(hostfs, "COPY_PIECE", 4096)
     assert copy_in(root, "output/deep/x.csv", an_input) == an_input.stat().st_size
     copied = root / "output/deep/x.csv"
     assert copied.read_bytes() == an_input.read_bytes()
