@@ -10,7 +10,7 @@ _jr_python() {
 }
 
 _jr_complete() {
-  local cur="${COMP_WORDS[COMP_CWORD]}" prev="" tool="${COMP_WORDS[0]##*/}" opts="" valued="" ids=0
+  local cur="${COMP_WORDS[COMP_CWORD]}" prev="" tool="${COMP_WORDS[0]##*/}" opts="" valued="" ids=0 words=""
   [ "$COMP_CWORD" -gt 0 ] && prev="${COMP_WORDS[COMP_CWORD-1]}"
   COMPREPLY=()
   case "$tool" in
@@ -18,6 +18,7 @@ _jr_complete() {
       opts="-h --help --version -v --verbose -q --quiet -o --output --pick --state --status-code --workspace --request --action --since --limit --summary"
       valued=" -o --output --state --status-code --workspace --request --action --since --limit "
       ids=1
+      words=""
       case "$prev" in
         --output) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
         -o) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
@@ -26,6 +27,7 @@ _jr_complete() {
       opts="-h --help --version -v --verbose -q --quiet -o --output --commit --branch --workspace --database -f --force-run-dependencies -n --dry-run"
       valued=" -o --output --commit --branch --workspace --database "
       ids=0
+      words=""
       case "$prev" in
         --output) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
         -o) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
@@ -34,6 +36,7 @@ _jr_complete() {
       opts="-h --help --version -v --verbose -q --quiet -o --output --announce"
       valued=" -o --output "
       ids=0
+      words=""
       case "$prev" in
         --output) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
         -o) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
@@ -42,6 +45,7 @@ _jr_complete() {
       opts="-h --help --version -v --verbose -q --quiet -o --output"
       valued=" -o --output "
       ids=0
+      words=""
       case "$prev" in
         --output) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
         -o) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
@@ -50,18 +54,21 @@ _jr_complete() {
       opts="-h --help --version -v --verbose -q --quiet --pick -t --timestamps --tail --since --no-follow"
       valued=" --tail --since "
       ids=1
+      words=""
       case "$prev" in
       esac ;;
     jr-mount)
       opts="-h --help --version -v --verbose -q --quiet --pick"
       valued="  "
       ids=1
+      words=""
       case "$prev" in
       esac ;;
     jr-kill)
       opts="-h --help --version -v --verbose -q --quiet -o --output --pick -y --yes -n --dry-run --cleanup"
       valued=" -o --output "
       ids=1
+      words=""
       case "$prev" in
         --output) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
         -o) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
@@ -70,6 +77,7 @@ _jr_complete() {
       opts="-h --help --version -v --verbose -q --quiet -o --output --pick -y --yes -n --dry-run --no-dependants"
       valued=" -o --output "
       ids=1
+      words=""
       case "$prev" in
         --output) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
         -o) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
@@ -78,6 +86,16 @@ _jr_complete() {
       opts="-h --help --version -v --verbose -q --quiet -o --output -y --yes -n --dry-run --drain --resume --timeout --force"
       valued=" -o --output --timeout "
       ids=0
+      words=""
+      case "$prev" in
+        --output) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
+        -o) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
+      esac ;;
+    jr-flags)
+      opts="-h --help --version -v --verbose -q --quiet -o --output -n --dry-run"
+      valued=" -o --output "
+      ids=0
+      words="show set clear paused mode manual-db-maintenance"
       case "$prev" in
         --output) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
         -o) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
@@ -86,12 +104,14 @@ _jr_complete() {
       opts="-h --help --version -v --verbose -q --quiet"
       valued="  "
       ids=0
+      words=""
       case "$prev" in
       esac ;;
     jr-prune)
       opts="-h --help --version -v --verbose -q --quiet -o --output -y --yes -n --dry-run --include-failed --older-than"
       valued=" -o --output --older-than "
       ids=0
+      words=""
       case "$prev" in
         --output) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
         -o) COMPREPLY=($(compgen -W "table tsv jsonl ids" -- "$cur")); return ;;
@@ -103,6 +123,10 @@ _jr_complete() {
     return 0
   fi
   case "$valued" in *" $prev "*) return 0 ;; esac
+  if [ -n "$words" ]; then
+    COMPREPLY=($(compgen -W "$words" -- "$cur"))
+    return 0
+  fi
   if [ "$ids" = 1 ] && [ "${#cur}" -ge 3 ]; then
     local line id action
     local -a found=()
@@ -120,4 +144,4 @@ _jr_complete() {
   fi
   return 0
 }
-complete -F _jr_complete jr-ls jr-add-job jr-sync jr-run-once jr-watch-logs jr-mount jr-kill jr-retry jr-reboot-prep jr-pull-image jr-prune
+complete -F _jr_complete jr-ls jr-add-job jr-sync jr-run-once jr-watch-logs jr-mount jr-kill jr-retry jr-reboot-prep jr-flags jr-pull-image jr-prune

@@ -50,6 +50,7 @@ TOOLS: dict[str, str] = {
     "jr-kill": "jobrunner_lib.cli.kill",
     "jr-retry": "jobrunner_lib.cli.retry",
     "jr-reboot-prep": "jobrunner_lib.cli.reboot_prep",
+    "jr-flags": "jobrunner_lib.cli.flags",
     "jr-pull-image": "jobrunner_lib.cli.pull_image",
     "jr-prune": "jobrunner_lib.cli.prune",
 }

@@ -38,12 +38,14 @@ def tool_classes() -> Iterator[tuple[str, type[Tool]]]:
 
 def describe_parser(
     parser: argparse.ArgumentParser,
-) -> tuple[list[str], list[str], dict[str, list[str]], bool]:
-    """(flags, flags taking a value, choices per flag, whether positionals take job IDs)."""
+) -> tuple[list[str], list[str], dict[str, list[str]], bool, list[str]]:
+    """(flags, flags taking a value, choices per flag, whether positionals take job IDs, the
+    words positionals take: a positional's `jr_complete` list, e.g. jr-flags' actions and flags)."""
     flags: list[str] = []
     valued: list[str] = []
     choices: dict[str, list[str]] = {}
     takes_ids = False
+    words: list[str] = []
     for action in parser._actions:  # argparse offers no public way to list its arguments
         if action.option_strings:
             flags.extend(action.option_strings)
@@ -54,7 +56,9 @@ def describe_parser(
                         choices[opt] = [str(c) for c in action.choices]
         elif getattr(action, "jr_complete", None) == "ids":
             takes_ids = True
-    return flags, valued, choices, takes_ids
+        elif isinstance(getattr(action, "jr_complete", None), list):
+            words.extend(action.jr_complete)  # type: ignore[attr-defined]
+    return flags, valued, choices, takes_ids, words
 
 
 def generate() -> str:
@@ -63,7 +67,7 @@ def generate() -> str:
     names = []
     for name, cls in tool_classes():
         names.append(name)
-        flags, valued, choices, takes_ids = describe_parser(cls().build_parser())
+        flags, valued, choices, takes_ids, words = describe_parser(cls().build_parser())
         choice_lines = "".join(
             f'        {opt}) COMPREPLY=($(compgen -W "{" ".join(vals)}" -- "$cur")); return ;;\n'
             for opt, vals in sorted(choices.items())
@@ -72,6 +76,7 @@ def generate() -> str:
       opts="{" ".join(flags)}"
       valued=" {" ".join(valued)} "
       ids={1 if takes_ids else 0}
+      words="{" ".join(words)}"
       case "$prev" in
 {choice_lines}      esac ;;
 """)
@@ -87,7 +92,7 @@ _jr_python() {{
 }}
 
 _jr_complete() {{
-  local cur="${{COMP_WORDS[COMP_CWORD]}}" prev="" tool="${{COMP_WORDS[0]##*/}}" opts="" valued="" ids=0
+  local cur="${{COMP_WORDS[COMP_CWORD]}}" prev="" tool="${{COMP_WORDS[0]##*/}}" opts="" valued="" ids=0 words=""
   [ "$COMP_CWORD" -gt 0 ] && prev="${{COMP_WORDS[COMP_CWORD-1]}}"
   COMPREPLY=()
   case "$tool" in
@@ -98,6 +103,10 @@ _jr_complete() {{
     return 0
   fi
   case "$valued" in *" $prev "*) return 0 ;; esac
+  if [ -n "$words" ]; then
+    COMPREPLY=($(compgen -W "$words" -- "$cur"))
+    return 0
+  fi
   if [ "$ids" = 1 ] && [ "${{#cur}}" -ge 3 ]; then
     local line id action
     local -a found=()

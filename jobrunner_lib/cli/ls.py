@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from jobrunner_lib.core import flags as core_flags
 from jobrunner_lib.core.errors import UsageError
 from jobrunner_lib.core.models import State, StatusCode, iso
 from jobrunner_lib.store import queries as db_queries
@@ -170,11 +171,21 @@ class Ls(Tool):
                 "total": str(sum(totals.values())),
             }
         )
-        paused = db_queries.get_flag(ctx.conn, "paused")
-        if paused is not None:
+        flags = db_queries.backend_flags(ctx.conn)
+        if core_flags.paused(flags):
+            flag = flags[core_flags.PAUSED]
+            # An older jr stored who paused it as the value.
+            why = flag.value if flag.value != "true" else f"since {iso(flag.timestamp)}"
             ctx.stderr.write(
-                f"Backend is PAUSED ({paused}): no new jobs start; "
+                f"Backend is PAUSED ({why}): no new jobs start; "
                 "`jr-reboot-prep --resume` lifts it\n"
+            )
+        if core_flags.db_maintenance(flags):
+            mode = flags.get(core_flags.MODE)
+            since = f" since {iso(mode.timestamp)}" if mode and mode.timestamp else ""
+            ctx.stderr.write(
+                f"Database maintenance mode{since}: database jobs wait until it ends; "
+                "`jr-flags` shows the flags\n"
             )
         rows = [{"id": r["workspace"], **r} for r in rows]
         ctx.emit(rows, ["workspace", *states, "total"])

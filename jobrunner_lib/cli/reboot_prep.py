@@ -125,11 +125,14 @@ Neither needs --yes: both are undone by the other."""
                 f"running; {len(reboot.running_jobs(ctx.conn))} running now"
             )
             return 0
-        value, already = reboot.pause(ctx.conn)
+        since, already = reboot.pause(ctx.conn)
         if already:
-            ctx.say(f"already paused ({value}); waiting for running jobs to finish")
+            ctx.say(f"already paused ({since}); waiting for running jobs to finish")
         else:
-            ctx.say(f"paused: {value}; no new job starts (jr-reboot-prep --resume lifts it)")
+            ctx.say(
+                f"paused: draining for reboot {since}; no new job starts "
+                "(jr-reboot-prep --resume lifts it)"
+            )
         started = time.monotonic()
         last_progress = started
         try:
@@ -174,11 +177,13 @@ Neither needs --yes: both are undone by the other."""
             ctx.say("not paused: nothing to do")
             return 0
         if ctx.args.dry_run:
-            ctx.say(f"dry run: would lift the pause ({current})")
+            ctx.say(f"dry run: would lift the pause (paused {current})")
             return 0
         reboot.resume(ctx.conn)
         pending = reboot.pending_count(ctx.conn)
-        ctx.say(f"resumed: lifted the pause ({current}); {pending} pending jobs may start now")
+        ctx.say(
+            f"resumed: lifted the pause (paused {current}); {pending} pending jobs may start now"
+        )
         return 0
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from jobrunner_lib.core.config import Config
 from jobrunner_lib.core.errors import ConfigError, OperationFailed, TemporaryFailure
+from jobrunner_lib.core.flags import Flag
 from jobrunner_lib.jobs.sync import SyncResult, display_endpoint, sync_pass
+from jobrunner_lib.store import queries as db_queries
 from jobrunner_lib.website.client import (
     JobServerBadResponse,
     JobServerClient,
@@ -64,7 +66,13 @@ exit codes: 0 done, 75 the website is unreachable or another jr-sync is running 
         if ctx.args.announce:
             log.info("Polling for JobRequests at: %s", display_endpoint(config.job_server_endpoint))
         deadline = time.monotonic() + config.sync_time_limit
-        with _single_pass(config), _client(config) as client:
+        conn = ctx.conn
+
+        def flags() -> Iterable[Flag]:
+            # Every call carries the backend's flags as they are then (the Flags header).
+            return db_queries.backend_flags(conn).values()
+
+        with _single_pass(config), _client(config, flags) as client:
             try:
                 result = sync_pass(config, ctx.conn, client, deadline=deadline)
             except JobServerError as exc:
@@ -94,13 +102,14 @@ exit codes: 0 done, 75 the website is unreachable or another jr-sync is running 
         ctx.emit(rows, COLUMNS)
 
 
-def _client(config: Config) -> JobServerClient:
+def _client(config: Config, flags: Callable[[], Iterable[Flag]]) -> JobServerClient:
     try:
         return JobServerClient(
             config.job_server_endpoint or "",
             config.job_server_token or "",
             config.backend,
             total_limit=config.sync_time_limit,
+            flags=flags,
         )
     except ValueError as exc:  # the client's own checks of the endpoint and token
         raise ConfigError(str(exc)) from None

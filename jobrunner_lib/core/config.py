@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,6 +44,12 @@ LOCAL_BACKEND = "expectations"
 SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?")
 SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 LINES_RE = re.compile(r"(\d+)\s*lines?")
+
+# Upstream's check (its service.py): `cohortextractor maintenance --current-mode <mode>`, whose
+# last line of output says `db-maintenance` while the database is in maintenance.
+DEFAULT_MAINTENANCE_CHECK_COMMAND = "maintenance --current-mode {current_mode}"
+# The databases whose URL the check is given, in order of preference (upstream: `default`).
+MAINTENANCE_CHECK_DATABASES = ("default", "full")
 
 PRODUCTION_IMAGES = (
     "ehrql",
@@ -142,6 +149,10 @@ class Config:
     presto_tls_cert: str | None = None
     presto_tls_key: str | None = None
     stata_license: str | None = None
+    # The database maintenance check (jobs/maintenance.py): off without an image.
+    maintenance_check_image: str | None = None
+    maintenance_check_command: str = DEFAULT_MAINTENANCE_CHECK_COMMAND
+    maintenance_check_interval: float = 300.0
 
     @property
     def secrets(self) -> tuple[str | None, ...]:
@@ -433,6 +444,13 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
     if storage == "auto":
         storage = "host" if daemon_shares_files(env) else "docker"
 
+    registry = (
+        r.text("DOCKER_REGISTRY", "jr-demo" if local else "ghcr.io/opensafely-core") or ""
+    ).rstrip("/")
+    check_image, check_command, check_interval = _maintenance_check(
+        r, registry, dummy, database_urls
+    )
+
     return Config(
         backend=backend,
         using_dummy_data_backend=dummy,
@@ -460,9 +478,7 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
         job_resource_weights_file=r.path(
             "JOB_RESOURCE_WEIGHTS_FILE", CHECKOUT_DIR / "job-resource-weights.ini", CHECKOUT_DIR
         ),
-        docker_registry=(
-            r.text("DOCKER_REGISTRY", "jr-demo" if local else "ghcr.io/opensafely-core") or ""
-        ).rstrip("/"),
+        docker_registry=registry,
         allowed_images=allowed_images,
         helper_image=r.text(
             "HELPER_IMAGE", "jr-busybox:latest" if local else "ghcr.io/opensafely-core/busybox"
@@ -490,7 +506,50 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: Path | None 
         presto_tls_cert=cert,
         presto_tls_key=key,
         stata_license=r.text("STATA_LICENSE"),
+        maintenance_check_image=check_image,
+        maintenance_check_command=check_command,
+        maintenance_check_interval=check_interval,
     )
+
+
+def _maintenance_check(
+    r: _Reader, registry: str, dummy: bool, database_urls: Mapping[str, str]
+) -> tuple[str | None, str, float]:
+    """(image, command, interval) of the database maintenance check; no image: no check.
+
+    Upstream's own settings work too: ENABLE_MAINTENANCE_MODE_THREAD=true runs its image
+    (`<DOCKER_REGISTRY>/cohortextractor`), MAINTENANCE_POLL_INTERVAL is the interval.
+    """
+    image = r.text("MAINTENANCE_CHECK_IMAGE")
+    if image is None and r.flag("ENABLE_MAINTENANCE_MODE_THREAD", False):
+        image = f"{registry}/cohortextractor" if registry else "cohortextractor"
+    command = r.text("MAINTENANCE_CHECK_COMMAND", DEFAULT_MAINTENANCE_CHECK_COMMAND)
+    try:
+        words = shlex.split(command)
+    except ValueError as exc:
+        raise ConfigError(
+            f"MAINTENANCE_CHECK_COMMAND={command!r} cannot be split into words ({exc}): "
+            f"expected e.g. MAINTENANCE_CHECK_COMMAND='{DEFAULT_MAINTENANCE_CHECK_COMMAND}'"
+        ) from None
+    if not words:
+        raise ConfigError("MAINTENANCE_CHECK_COMMAND is empty")
+    interval = r.number(
+        "MAINTENANCE_CHECK_INTERVAL",
+        r.number("MAINTENANCE_POLL_INTERVAL", 300.0, minimum=1.0),
+        minimum=1.0,
+    )
+    if image is not None:
+        if dummy:
+            raise ConfigError(
+                f"MAINTENANCE_CHECK_IMAGE={image!r} is set, but this backend has no database "
+                "(USING_DUMMY_DATA_BACKEND is true): unset it, or set the backend's database"
+            )
+        if not any(database_urls.get(name) for name in MAINTENANCE_CHECK_DATABASES):
+            raise ConfigError(
+                f"MAINTENANCE_CHECK_IMAGE={image!r} needs the database to check: set "
+                "DEFAULT_DATABASE_URL"
+            )
+    return image, command, interval
 
 
 def database_urls_from(env: Mapping[str, str]) -> dict[str, str]:

@@ -64,6 +64,8 @@ class Msg:
     WAITING_ON_WORKERS_HEAVY = "Waiting on available workers for resource intensive job"
     WAITING_ON_REBOOT = "Waiting for the backend to restart (its jobs were stopped for a reboot)"
     PAUSED = "Backend is paused for maintenance; job will start when it resumes"
+    # Upstream's words, for a database job held (or stopped and put back) during maintenance.
+    WAITING_DB_MAINTENANCE = "Waiting for database to finish maintenance"
     CREATED = "Created"
     PREPARING = "Preparing"
     RUNNING = "Running"
@@ -100,7 +102,7 @@ ALLOWED: frozenset[tuple[State | None, State]] = frozenset(
         (
             State.RUNNING,
             State.PENDING,
-        ),  # reboot prep, and a worker's prepare step redone from scratch
+        ),  # reboot prep, database maintenance, and a worker's prepare step redone from scratch
         (State.FAILED, State.RUNNING),  # retry of an internal error with the container kept
         (State.FAILED, State.PENDING),  # retry when the container is gone: start over
     }

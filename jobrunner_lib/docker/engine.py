@@ -361,6 +361,50 @@ def remove_container(name: str) -> None:
         client().api.remove_container(name, force=True)
 
 
+def run_to_end(
+    name: str,
+    image: str,
+    command: list[str],
+    *,
+    environment: Mapping[str, str],
+    network: str,
+    container_labels: Mapping[str, str],
+    user: str | None,
+    pids_limit: int,
+    timeout: float,
+) -> tuple[int | None, str]:
+    """Run a short-lived container (locked down like a job's, without a volume) to its end:
+    (its exit code, or None if it ran past `timeout` and was killed; its stdout). It is always
+    removed afterwards; its environment travels in the API request body, like a job's."""
+    api = client().api
+    host_config = api.create_host_config(
+        network_mode=network,
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+        pids_limit=pids_limit,
+        init=True,
+    )
+    try:
+        _create(
+            name,
+            image,
+            command,
+            host_config,
+            labels=dict(container_labels),
+            user=user or "",
+            environment=dict(environment),
+        )
+        start_container(name)
+        code = wait_container(name, timeout)
+        if code is None:
+            kill_container(name)
+        with calls("container logs"):
+            out = api.logs(name, stdout=True, stderr=False)
+        return code, out.decode("utf-8", errors="replace")
+    finally:
+        remove_container(name)
+
+
 def _label_filter(backend: str | None, job_id: str | None, extra: Mapping[str, str] | None) -> dict:
     wanted = {
         "job-runner": "true",

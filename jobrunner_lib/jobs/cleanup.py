@@ -34,6 +34,11 @@ def settled(conn: sqlite3.Connection, job_id: str) -> None:
     db_queries.set_flag(conn, PREFIX + job_id, None)
 
 
+def owed(conn: sqlite3.Connection) -> set[str]:
+    """The ids of the jobs whose Docker objects may still be there."""
+    return {name[len(PREFIX) :] for name in db_queries.flags(conn, PREFIX)}
+
+
 def sweep(
     config: Config, conn: sqlite3.Connection, is_alive: Callable[[int, float | None], bool]
 ) -> list[str]:

@@ -26,6 +26,12 @@ _WORKERS: list[subprocess.Popen[bytes]] = []
 
 def spawn_worker(config: Config, job_id: str) -> tuple[int, float]:
     """Start a detached `python -m jobrunner_lib.jobs.worker <id>`; return its pid and start time."""
+    return spawn_detached(config, "jobrunner_lib.jobs.worker", job_id)
+
+
+def spawn_detached(config: Config, module: str, *args: str) -> tuple[int, float]:
+    """Start a detached `python -m <module> <args>` logging to workers.log (a worker, or the
+    database maintenance check); return its pid and start time."""
     log_path = config.workdir / "logs" / "workers.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -43,7 +49,7 @@ def spawn_worker(config: Config, job_id: str) -> tuple[int, float]:
     with open(log_path, "ab") as out:
         # cwd is the workdir so a worker never pins the operator's current directory (Windows).
         proc = subprocess.Popen(
-            [sys.executable, "-m", "jobrunner_lib.jobs.worker", job_id],
+            [sys.executable, "-m", module, *args],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,

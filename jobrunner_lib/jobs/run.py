@@ -17,11 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from jobrunner_lib.core import flags as core_flags
 from jobrunner_lib.core.config import Config
 from jobrunner_lib.core.errors import JobKeepsChanging
 from jobrunner_lib.core.models import Job, Msg, State, StatusCode, transition
 from jobrunner_lib.core.weights import Weights, load_weights
-from jobrunner_lib.jobs import cleanup
+from jobrunner_lib.jobs import cleanup, maintenance
 from jobrunner_lib.jobs.outage import DockerOutage, store_unusable
 from jobrunner_lib.jobs.processes import (
     kill_worker,
@@ -43,10 +44,15 @@ WORKER_DIED = "Internal error: the job's worker died 3 times; see the run log"
 # (the daemon being restarted is not the job's fault), but only this many times per job, so a
 # worker that keeps failing that way while Docker answers the pass's ping cannot spin forever.
 FREE_DOCKER_RESTARTS = 10
+# How long a pass waits for the worker of a job it stops for database maintenance to be gone
+# before it removes the job's container and volume.
+WORKER_EXIT_WAIT = 2.0
 
 Spawn = Callable[[Config, str], tuple[int, float]]
 IsAlive = Callable[[int, float | None], bool]
 Kill = Callable[[int, float | None], None]
+RemoveObjects = Callable[[Config, str], list[str]]
+StartCheck = Callable[[Config, sqlite3.Connection], Any]
 # What to do once a decided change of a job is saved (log, record, start a worker), given the
 # job as saved; a decision is the job to save (compare-and-set) and that.
 Then = Callable[[Job], None]
@@ -90,15 +96,26 @@ def run_pass(
     kill: Kill = kill_worker,
     now: Callable[[], float] = time.time,
     rng: random.Random | None = None,
+    remove_objects: RemoveObjects | None = None,
+    start_check: StartCheck = maintenance.start_if_due,
 ) -> list[Change]:
-    """Look at every active job once: supervise running ones, then schedule pending ones."""
+    """Look at every active job once: supervise running ones, then schedule pending ones.
+
+    remove_objects: how a job's Docker objects are removed (docker.jobobjects'); start_check:
+    starts the database maintenance check when it is due (jobs/maintenance.py).
+    """
     reap_children()
     weights = load_weights(config.job_resource_weights_file)
     jobs = db_queries.active_jobs(conn)
     # Shuffled so that one big request cannot hog capacity (docs/lifecycle.md#the-run-pass).
     (rng or random).shuffle(jobs)
     run = _Pass(config, conn, weights, spawn, is_alive, kill, now)
+    run.remove_objects = remove_objects or _remove_job_objects
     run.jobs = {job.id: job for job in jobs}
+    if jobs:
+        flags = db_queries.backend_flags(conn)
+        run.paused = core_flags.paused(flags)
+        run.db_maintenance = core_flags.db_maintenance(flags)
     # Supervision first: a job failed for good frees its capacity for this pass's claims.
     for job in jobs:
         if job.state is State.RUNNING:
@@ -108,14 +125,23 @@ def run_pass(
     )
     pending = [job for job in jobs if job.state is State.PENDING]
     if pending:
-        run.paused = db_queries.get_flag(conn, "paused") is not None
+        # Jobs put back to pending whose Docker objects may still be there (database
+        # maintenance, a reboot, a retry): removed before such a job is claimed again.
+        run.owed = cleanup.owed(conn)
         wanted = {d for job in pending for d in job.wait_for_job_ids if d not in run.jobs}
         run.others = {dep.id: dep for dep in db_queries.get_jobs(conn, sorted(wanted))}
         for job in pending:
             run.handle(run.jobs[job.id])
     # Finished jobs whose worker died before removing their Docker objects (bounded per pass).
     cleanup.sweep(config, conn, is_alive)
+    start_check(config, conn)
     return run.changes
+
+
+def _remove_job_objects(config: Config, job_id: str) -> list[str]:
+    from jobrunner_lib.docker.jobobjects import remove_job_objects  # lazily: only when needed
+
+    return remove_job_objects(config, job_id)
 
 
 class _Pass:
@@ -137,6 +163,9 @@ class _Pass:
         self.others: dict[str, Job] = {}
         self.running_weight = 0.0
         self.paused = False
+        self.db_maintenance = False
+        self.owed: set[str] = set()
+        self.remove_objects: RemoveObjects = _remove_job_objects
         self.changes: list[Change] = []
 
     def handle(self, job: Job) -> None:
@@ -185,7 +214,7 @@ class _Pass:
     # -- pending jobs --
 
     def schedule(self, job: Job) -> Decision | None:
-        """Cancelled, dependencies, pause flag, capacity: then claim it."""
+        """Cancelled, dependencies, pause flag, database maintenance, capacity: then claim it."""
         if job.cancelled:
             return self.cancel(job)
         failed, waiting = self.dependencies(job)
@@ -198,13 +227,40 @@ class _Pass:
             if job.status_code is StatusCode.WAITING_ON_REBOOT:
                 return self.wait(job, job.status_code, job.status_message or Msg.WAITING_ON_REBOOT)
             return self.wait(job, StatusCode.PAUSED, Msg.PAUSED)
+        if self.db_maintenance and job.requires_db:
+            return self.wait(job, StatusCode.WAITING_DB_MAINTENANCE, Msg.WAITING_DB_MAINTENANCE)
         weight = self.weights.weight(job.workspace, job.action)
         # A job heavier than the whole capacity still starts once nothing else runs; the old
         # runner left it waiting forever.
         if self.running_weight > 0 and self.running_weight + weight > self.config.max_workers:
             message = Msg.WAITING_ON_WORKERS_HEAVY if weight > 1 else Msg.WAITING_ON_WORKERS
             return self.wait(job, StatusCode.WAITING_ON_WORKERS, message)
+        if job.id in self.owed and not self.clear_leftovers(job):
+            return None  # its old container could pass for this run's: tried again next pass
         return self.claim(job, weight)
+
+    def clear_leftovers(self, job: Job) -> bool:
+        """Remove what an earlier run of a pending job may have left in Docker; True once gone.
+
+        A container left by a run that was stopped (for database maintenance, a reboot) would
+        be taken by the job's next worker for its own: an exited one would be finalized as
+        this run's result.
+        """
+        try:
+            removed = self.remove_objects(self.config, job.id)
+        except Exception:  # noqa: BLE001 - the job waits; the next pass tries again
+            log.warning(
+                "Could not remove what an earlier run left in Docker; the job starts once it "
+                "is gone",
+                exc_info=True,
+                extra={"job": job},
+            )
+            return False
+        if removed:
+            log.info(f"Removed what an earlier run left: {', '.join(removed)}", extra={"job": job})
+        cleanup.settled(self.conn, job.id)
+        self.owed.discard(job.id)
+        return True
 
     def dependencies(self, job: Job) -> tuple[Job | None, bool]:
         """(the first failed awaited job, whether any awaited job has not succeeded yet)."""
@@ -268,7 +324,10 @@ class _Pass:
 
         A job with no worker recorded (a pass cut short between its claim or spawn and saving
         the pid) gets one without using up an attempt: no worker of it has failed.
+        During database maintenance a database job is stopped and put back to pending first.
         """
+        if self.db_maintenance and job.requires_db and self.uses_database(job):
+            return self.stop_for_maintenance(job)
         pid = job.worker_pid
         died = False
         if pid is not None and self.is_alive(pid, job.worker_started_at):
@@ -316,6 +375,54 @@ class _Pass:
                 error_detail=f"{reason}; {job.attempts} workers failed",
             )
         return self.restart_worker(job, reason, counted=True)
+
+    @staticmethod
+    def uses_database(job: Job) -> bool:
+        """Whether a running database job may still use the database: it has not finished (a
+        finalizing job only copies its outputs out) and is not being cancelled (its worker ends
+        it)."""
+        return not job.cancelled and job.status_code is not StatusCode.FINALIZING
+
+    def stop_for_maintenance(self, job: Job) -> Decision:
+        """running -> pending/waiting_db_maintenance; then its worker is stopped and its
+        container and volume removed, as jr-reboot-prep resets a job (ops/reboot.py): the row
+        first, so a worker we fail to kill sees the job is no longer its own."""
+        message = Msg.WAITING_DB_MAINTENANCE
+        reset = transition(
+            job,
+            State.PENDING,
+            StatusCode.WAITING_DB_MAINTENANCE,
+            message,
+            at=int(self.now()),
+            worker_pid=None,
+            worker_started_at=None,
+            attempts=0,
+        )
+
+        def then(saved: Job) -> None:
+            log.warning(
+                "DB maintenance mode active: stopping the database job and putting it back to "
+                "pending",
+                extra={"job": saved},
+            )
+            self.record(job, saved, message)
+            self.stop_worker(job)
+            if self.clear_leftovers(saved):
+                return
+            cleanup.owe(self.conn, saved.id)  # not claimed again until they are gone
+            self.owed.add(saved.id)
+
+        return reset, then
+
+    def stop_worker(self, job: Job) -> None:
+        """Kill the job's worker (with its process group) and wait a moment for it to be gone."""
+        pid, started = job.worker_pid, job.worker_started_at
+        if pid is None or pid == os.getpid() or not self.is_alive(pid, started):
+            return
+        self.kill(pid, started)
+        deadline = time.monotonic() + WORKER_EXIT_WAIT
+        while self.is_alive(pid, started) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def restart_worker(self, job: Job, reason: str, *, counted: bool) -> Decision:
         """Forget the old worker, count an attempt unless told not to, and start another."""

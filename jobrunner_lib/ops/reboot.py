@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from jobrunner_lib.core import flags as core_flags
 from jobrunner_lib.core.config import Config
 from jobrunner_lib.core.models import Job, Msg, State, StatusCode, iso, transition
 from jobrunner_lib.docker import engine as docker
@@ -19,7 +19,7 @@ from jobrunner_lib.store import queries as db_queries
 
 log = logging.getLogger(__name__)
 
-PAUSED = "paused"
+PAUSED = core_flags.PAUSED
 # How long to wait for a pass in progress before putting jobs back to pending.
 LOCK_TIMEOUT = 60.0
 
@@ -121,23 +121,32 @@ def reset_all(config: Config, conn: sqlite3.Connection, jobs: Sequence[Job]) -> 
 
 def pause(conn: sqlite3.Connection) -> tuple[str, bool]:
     """Pause the backend (no new job starts) for a drain, unless it is paused already;
-    (the pause flag's value, whether it was already paused)."""
-    current = db_queries.get_flag(conn, PAUSED)
+    (since when it is paused, and by whom when we paused it; whether it was already paused).
+
+    The `paused` backend flag, set to `true` as upstream sets it (core/flags.py): jr-flags shows
+    it and the jobs website receives it.
+    """
+    current = paused(conn)
     if current is not None:
         return current, True
-    value = f"draining for reboot since {iso(time.time())} by {objects.operator()}"
-    db_queries.set_flag(conn, PAUSED, value)
-    return value, False
+    flag, _ = db_queries.put_flag(conn, PAUSED, core_flags.VALUES[PAUSED])
+    return f"since {iso(flag.timestamp)} by {objects.operator()}", False
 
 
 def paused(conn: sqlite3.Connection) -> str | None:
-    """The pause flag's value (who paused, since when), or None."""
-    return db_queries.get_flag(conn, PAUSED)
+    """Since when the backend is paused (`since <time>`, or the text an older jr stored), or
+    None when it is not."""
+    flag = db_queries.backend_flags(conn).get(PAUSED)
+    if flag is None or not core_flags.is_on(flag.value):
+        return None
+    if flag.value != core_flags.VALUES[PAUSED]:
+        return flag.value
+    return f"since {iso(flag.timestamp)}"
 
 
 def resume(conn: sqlite3.Connection) -> None:
-    """Lift the pause."""
-    db_queries.set_flag(conn, PAUSED, None)
+    """Lift the pause (the flag's row stays, cleared, with the time: the website sees when)."""
+    db_queries.put_flag(conn, PAUSED, None)
 
 
 def idle_under_lock(config: Config, conn: sqlite3.Connection) -> bool:

@@ -11,15 +11,17 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from jobrunner_lib import __version__
 from jobrunner_lib.core.errors import ConfigError, JrError, TemporaryFailure
+from jobrunner_lib.core.flags import Flag
 from jobrunner_lib.website.http import _deadline_classes
 from jobrunner_lib.website.wire import (
     MalformedRequest,
+    flags_header,
     group_contiguously,
     malformed_request,
     parse_job_request,
@@ -101,7 +103,10 @@ class JobServerClient:
         retries: int = 3,
         backoff_factor: float = 0.5,
         user_agent: str | None = None,
+        flags: Callable[[], Iterable[Flag]] | None = None,
     ) -> None:
+        """flags: what the caller's state store holds, read afresh for every call and sent as the
+        `Flags` header (docs/reference.md#backend-flags); None sends no header."""
         # An empty token makes today's server return every backend's work (docs/reference.md#jobs-website).
         if not isinstance(token, str) or not token.strip():
             raise ValueError("JOB_SERVER_TOKEN is empty; refusing to talk to the jobs website")
@@ -126,6 +131,7 @@ class JobServerClient:
         self.total_limit = float(total_limit)
         self.retries = int(retries)
         self.backoff_factor = float(backoff_factor)
+        self.flags = flags
 
         import requests
 
@@ -248,7 +254,12 @@ class JobServerClient:
         # Swapped per call so urllib3's own retries see this call's deadline (hence one
         # client per thread).
         self._adapter.max_retries = self._retry(deadline)
-        headers = {"Content-Type": "application/json"} if body is not None else None
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        if self.flags is not None:
+            # Upstream sends its flags on every call; the website stores them as the backend's
+            # state on each authenticated GET job-requests/ and POST jobs/ (its status pages
+            # read them).
+            headers["Flags"] = flags_header(self.flags())
         jobs = f" ({count} jobs)" if count is not None else ""
         started = time.monotonic()
         exceptions = self._requests.exceptions

@@ -1,4 +1,5 @@
-"""The jobs website's wire format (docs/reference.md#jobs-website), pure: parse job requests, encode jobs, batch them.
+"""The jobs website's wire format (docs/reference.md#jobs-website), pure: parse job requests, encode jobs, batch them,
+and the `Flags` header.
 
 No HTTP here (that is client.py): a malformed request raises ValueError saying what is wrong,
 so the client can report it and go on with the others.
@@ -6,11 +7,13 @@ so the client can report it and go on with the others.
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from enum import Enum
 from typing import Any
 
+from jobrunner_lib.core.flags import Flag, timestamp_isoformat
 from jobrunner_lib.core.models import iso
 
 Kind = type | tuple[type, ...]
@@ -53,7 +56,8 @@ class MalformedRequest(ValueError):
     a missing sha, ...): it gets an answer on the website, an `__error__` job saying why."""
 
     def __init__(self, identifier: str, problem: str):
-        super().__init__(f"request {identifier}: {problem}")
+        # The identifier stays out of the text: whoever shows it names the request (masked).
+        super().__init__(problem)
         self.identifier, self.problem = identifier, problem
 
 
@@ -120,12 +124,15 @@ def malformed_request(exc: MalformedRequest, obj: Any) -> dict:
     return {
         "id": exc.identifier,
         "repo_url": text(workspace.get("repo")),
-        "commit": text(obj.get("sha")) or None,
+        "commit": text(obj.get("sha")),
         "branch": text(workspace.get("branch")),
         "requested_actions": [],
         "cancelled_actions": [],
         "workspace": text(workspace.get("name")),
         "database_name": text(obj.get("database_name")) or text(workspace.get("db")),
+        "force_run_dependencies": False,
+        "codelists_ok": True,
+        "created_by": None,
         "backend": obj.get("backend") if isinstance(obj.get("backend"), str) else None,
         "problem": exc.problem,
         "original": obj,
@@ -189,3 +196,12 @@ def group_contiguously(jobs: list[dict], batch_size: int) -> list[list[dict]]:
     if current:
         batches.append(current)
     return batches
+
+
+def flags_header(flags: Iterable[Flag]) -> str:
+    """The `Flags` header of every call (docs/reference.md#backend-flags): compact JSON of each
+    stored flag, `{"<name>": {"v": <value or null>, "ts": <time as upstream writes it>}}`,
+    exactly as upstream's `api_request` builds it. ASCII only (json escapes the rest), as a
+    header must be."""
+    data = {f.name: {"v": f.value, "ts": timestamp_isoformat(f.timestamp)} for f in flags}
+    return json.dumps(data, separators=(",", ":"))

@@ -78,3 +78,9 @@ def test_several_matches_show_the_action_beside_each_id(env):
 
 def test_no_id_completion_for_option_values(env):
     assert complete(["jr-ls", "--workspace", "qqq"], env) == []
+
+
+def test_jr_flags_completes_its_actions_and_flag_names(env):
+    assert complete(["jr-flags", "cl"], env) == ["clear"]
+    assert complete(["jr-flags", "set", "man"], env) == ["manual-db-maintenance"]
+    assert complete(["jr-flags", "-o", "t"], env) == ["table", "tsv"]

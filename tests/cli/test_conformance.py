@@ -174,6 +174,11 @@ def sync_case(workdir: Path, conn: sqlite3.Connection) -> Case:
     return Case([], docker=False)  # completed by the test with the fake website's request
 
 
+def flags_case(workdir: Path, conn: sqlite3.Connection) -> Case:
+    # Every backend flag is listed, set or not; one is set, so a row has a value and a time.
+    return Case(["set", "paused"], names={"paused", "mode", "manual-db-maintenance"}, docker=False)
+
+
 DESTRUCTIVE_CASES = {
     "jr-kill": kill_case,
     "jr-retry": retry_case,
@@ -225,6 +230,7 @@ def test_a_destructive_tool_without_a_terminal_or_yes_exits_2_and_changes_nothin
 # for jr-prune --dry-run).
 OUTPUT: dict[str, Callable[[Path, sqlite3.Connection], Case]] = {
     "jr-add-job": add_job_case,
+    "jr-flags": flags_case,
     "jr-kill": lambda w, c: _with(kill_case(w, c), "--yes"),
     "jr-ls": ls_case,
     "jr-prune": lambda w, c: _with(prune_case(w, c), "--dry-run"),

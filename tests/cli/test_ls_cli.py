@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -135,6 +136,13 @@ def test_summary_counts_per_workspace_and_shows_pause(jobs):
     db_queries.set_flag(db.connect(workdir / "db.sqlite"), "paused", "draining for reboot")
     result = run("jr-ls", "--summary", workdir=workdir)
     assert "Backend is PAUSED (draining for reboot)" in result.stderr
+    # As jr-reboot-prep and jr-flags set it now (`true`, as upstream): since when.
+    assert (
+        run("jr-flags", "set", "paused", "manual-db-maintenance", workdir=workdir).returncode == 0
+    )
+    result = run("jr-ls", "--summary", workdir=workdir)
+    assert re.search(r"Backend is PAUSED \(since \d{4}-\d\d-\d\dT[\d:]{8}Z\)", result.stderr)
+    assert "Database maintenance mode since " in result.stderr
 
 
 def test_bad_configuration_exits_78_naming_the_variable(tmp_path):

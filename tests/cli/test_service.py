@@ -319,7 +319,9 @@ def test_poll_interval_comes_from_the_env_file(
     service: Callable[..., Service], tmp_path: Path
 ) -> None:
     env_file = tmp_path / "jr.env"
-    env_file.write_text('BACKEND=test\r\nUSING_DUMMY_DATA_BACKEND=yes\r\nPOLL_INTERVAL="0.5"  # seconds\r\n')
+    env_file.write_text(
+        'BACKEND=test\r\nUSING_DUMMY_DATA_BACKEND=yes\r\nPOLL_INTERVAL="0.5"  # seconds\r\n'
+    )
     svc = service("--once", JR_ENV_FILE=str(env_file), **fake_bin(tmp_path))
     assert svc.wait() == 0
     assert "(mode once, POLL_INTERVAL 0.5s, " in svc.stderr

@@ -6,6 +6,7 @@ import logging
 import time
 import traceback
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import requests
@@ -36,7 +37,7 @@ def no_token_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     assert TOKEN not in caplog.text and WRONG_TOKEN not in caplog.text
 
 
-def make_client(server: FakeJobServer, token: str = TOKEN, **options: float) -> JobServerClient:
+def make_client(server: FakeJobServer, token: str = TOKEN, **options: Any) -> JobServerClient:
     """A client with test-sized timeouts and backoff."""
     settings = {
         "connect_timeout": 1.0,
@@ -384,3 +385,35 @@ def test_fake_cancel_adds_actions_to_cancelled_actions(fake_jobserver):
     fake_jobserver.cancel(request["identifier"], ["a"])
     fake_jobserver.cancel(request["identifier"])
     assert request["cancelled_actions"] == ["a", "b"]
+
+
+# ---------------------------------------------------------------- the Flags header
+
+
+def test_every_call_carries_the_flags_as_they_are_then(fake_jobserver):
+    from jobrunner_lib.core.flags import Flag
+
+    stored = [Flag("mode", "db-maintenance", 1731081649.5)]
+    request = fake_jobserver.add_request()
+    with make_client(fake_jobserver, flags=lambda: list(stored)) as client:
+        client.fetch_job_requests()
+        stored.append(Flag("paused", None, 1731081600))
+        client.post_jobs([wire_job(request["identifier"], 1)])
+    assert [(c["method"], c["flags"]) for c in fake_jobserver.calls] == [
+        ("GET", '{"mode":{"v":"db-maintenance","ts":"2024-11-08T16:00:49.500000Z"}}'),
+        (
+            "POST",
+            '{"mode":{"v":"db-maintenance","ts":"2024-11-08T16:00:49.500000Z"},'
+            '"paused":{"v":null,"ts":"2024-11-08T16:00:00Z"}}',
+        ),
+    ]
+    assert fake_jobserver.jobrunner_state == {
+        "mode": {"v": "db-maintenance", "ts": "2024-11-08T16:00:49.500000Z"},
+        "paused": {"v": None, "ts": "2024-11-08T16:00:00Z"},
+    }
+
+
+def test_a_client_given_no_flags_sends_no_header(fake_jobserver, client):
+    client.fetch_job_requests()
+    assert [c["flags"] for c in fake_jobserver.calls] == [None]
+    assert fake_jobserver.jobrunner_state is None

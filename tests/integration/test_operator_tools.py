@@ -633,7 +633,9 @@ def test_drain_pauses_waits_for_running_jobs_and_resume_lifts_it(config, conn, s
     assert timed_out.returncode == 75
     assert "job(s) still running (the backend stays paused):" in timed_out.stderr
     assert stuck_id in timed_out.stderr  # the sleeper certainly still runs
-    assert db_queries.get_flag(conn, "paused").startswith("draining for reboot since ")
+    # The `paused` backend flag, as upstream sets it (jr-flags shows it, the website receives it).
+    assert db_queries.get_flag(conn, "paused") == "true"
+    assert "paused: draining for reboot since " in timed_out.stderr
     assert tool(config.workdir, "jr-kill", "--yes", stuck_id).returncode == 0
 
     (queued,) = add_jobs(config.workdir, study, "quick")
@@ -672,8 +674,9 @@ def test_drain_pauses_waits_for_running_jobs_and_resume_lifts_it(config, conn, s
     )
 
     resumed = tool(config.workdir, "jr-reboot-prep", "--resume")
-    assert resumed.returncode == 0 and "resumed: lifted the pause" in resumed.stderr
+    assert resumed.returncode == 0 and "resumed: lifted the pause (paused since " in resumed.stderr
     assert db_queries.get_flag(conn, "paused") is None
+    assert db_queries.backend_flags(conn)["paused"].value is None  # cleared, its time kept
     drive(config, conn, final(conn, queued), what="the queued job")
     assert get(conn, queued).state is State.SUCCEEDED
 

@@ -67,6 +67,12 @@ SCRUB = (
     "PRESTO_TLS_CERT_PATH",
     "PRESTO_TLS_KEY_PATH",
     "STATA_LICENSE",
+    # the database maintenance check (and upstream's names for it)
+    "MAINTENANCE_CHECK_IMAGE",
+    "MAINTENANCE_CHECK_COMMAND",
+    "MAINTENANCE_CHECK_INTERVAL",
+    "MAINTENANCE_POLL_INTERVAL",
+    "ENABLE_MAINTENANCE_MODE_THREAD",
     # test-only hooks
     "JR_FAULT",
     "JR_PAUSE",

@@ -125,6 +125,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "method": method,
                 "path": self.path,
                 "authorization": self.headers.get("Authorization"),
+                "flags": self.headers.get("Flags"),
                 "fault": fault,
             }
         )
@@ -186,7 +187,29 @@ class _Handler(BaseHTTPRequestHandler):
             nxt = _with_params(base, params, limit=limit, offset=offset + limit)
         if offset > 0:
             prev = _with_params(base, params, limit=limit, offset=max(offset - limit, 0))
+        # Only an authenticated call with a good answer updates the backend's state.
+        if backend is not None and not self._update_backend_state():
+            return None
         self._json(200, {"count": len(active), "next": nxt, "previous": prev, "results": page})
+
+    def _update_backend_state(self) -> bool:
+        """The website's update_backend_state: a non-empty `Flags` header becomes the backend's
+        `jobrunner_state` (what its status pages read). A header that is not JSON makes the
+        website fail with its HTML error page (False: that page was sent), after whatever the
+        call had already saved."""
+        fake = self.server.fake
+        flags = self.headers.get("Flags", "")
+        if not flags:
+            return True
+        try:
+            state = json.loads(flags)
+        except ValueError:
+            fake.bad_flags.append(flags)
+            self._send(500, b"<h1>Server Error (500)</h1>", "text/html")
+            return False
+        with fake.lock:
+            fake.jobrunner_state = state
+        return True
 
     def _post_jobs(self, path: str, body: bytes) -> None:
         fake = self.server.fake
@@ -218,6 +241,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(400, [f"Unknown JobRequest IDs: {', '.join(unknown)}"])
             fake._store(data)
             fake.last_seen[path] = time.time()
+        if not self._update_backend_state():  # after the jobs are saved, as the website does
+            return None
         self._json(200, {"status": "success"})
 
     def _json(self, status: int, payload: Any) -> None:
@@ -281,6 +306,10 @@ class FakeJobServer:
         self.calls: list[dict] = []
         self.deleted: list[str] = []
         self.last_seen: dict[str, float] = {}
+        # The backend's `jobrunner_state` as the website stores it from the `Flags` header
+        # (None: never sent), and the headers it could not parse.
+        self.jobrunner_state: Any = None
+        self.bad_flags: list[str] = []
         self.fault: str | None = None
         self.fault_count: int | None = None
         self.slow_seconds = 5.0
