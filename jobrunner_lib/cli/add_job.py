@@ -7,10 +7,10 @@ import re
 import time
 from pathlib import Path
 
-from jobrunner_lib.core.config import user_name
 from jobrunner_lib.core.errors import OperationFailed, TemporaryFailure, UsageError
 from jobrunner_lib.core.ids import new_request_id
 from jobrunner_lib.core.models import RUN_ALL, JobRequest, iso
+from jobrunner_lib.core.values import user_name
 from jobrunner_lib.git import repos as git_repos
 from jobrunner_lib.git import runner as git
 from jobrunner_lib.jobs.create import (

@@ -8,9 +8,10 @@ import re
 import signal
 import sqlite3
 
-from jobrunner_lib.core.config import Config, docker_host
+from jobrunner_lib.core.config import Config
 from jobrunner_lib.core.errors import TemporaryFailure
 from jobrunner_lib.core.logs import squash_whitespace
+from jobrunner_lib.core.values import docker_host
 from jobrunner_lib.jobs.locks import holding_run_lock
 from jobrunner_lib.jobs.outage import keep_reserve, release_reserve, store_full, store_unusable
 from jobrunner_lib.jobs.run import Change, run_pass

@@ -32,8 +32,9 @@ from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 
-from jobrunner_lib.core.config import Config, load_config, read_env
+from jobrunner_lib.core.config import Config, load_config
 from jobrunner_lib.core.errors import EXIT_CONFIG, EXIT_INTERNAL, EXIT_OK, ConfigError
+from jobrunner_lib.core.values import read_env
 
 # Each printed setting and the variables it is read from: with an invalid configuration, a
 # setting is resolved from these alone, so one bad variable does not hide the others.

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from jobrunner_lib.core.config import DEFAULT_JOB_LOG_LIMIT, LogLimit, parse_log_limit
+from jobrunner_lib.core.values import DEFAULT_JOB_LOG_LIMIT, LogLimit, parse_log_limit
 
 BLOCK = 1 << 20  # bytes read at a time when moving or scanning the kept part
 SPARE = 1 << 20  # never compact a buffer smaller than this: few compactions for a small limit

@@ -188,7 +188,7 @@ def ping_socket() -> bool:
     """
     import socket
 
-    from jobrunner_lib.core.config import docker_host
+    from jobrunner_lib.core.values import docker_host
 
     host = docker_host()
     if not host.startswith("unix://") or not hasattr(socket, "AF_UNIX"):

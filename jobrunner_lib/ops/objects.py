@@ -14,9 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from jobrunner_lib.core.config import Config, user_name
+from jobrunner_lib.core.config import Config
 from jobrunner_lib.core.errors import UsageError
 from jobrunner_lib.core.models import Job
+from jobrunner_lib.core.values import user_name
 from jobrunner_lib.docker.jobobjects import job_objects as job_objects
 from jobrunner_lib.docker.jobobjects import remove_job_objects as remove_job_objects
 from jobrunner_lib.jobs.hung import hung_containers as hung_containers

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from jobrunner_lib.core import joblog
-from jobrunner_lib.core.config import Config, LogLimit
+from jobrunner_lib.core.config import Config
 from jobrunner_lib.core.models import State
+from jobrunner_lib.core.values import LogLimit
 from jobrunner_lib.jobs.worker import drive_job
 from tests.integration.test_executor import (
     STORAGES,

@@ -6,14 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner_lib.core.config import (
-    LOCAL_BACKEND,
-    LogLimit,
-    load_config,
-    normalise_path,
-    to_windows_path,
-)
+from jobrunner_lib.core.config import LOCAL_BACKEND, load_config
 from jobrunner_lib.core.errors import EXIT_CONFIG, ConfigError
+from jobrunner_lib.core.values import LogLimit, normalise_path, to_windows_path
 
 
 def cfg(tmp_path: Path, **env: str):

@@ -1,11 +1,11 @@
-"""Facts read from the environment in one place each (core/config.py): which settings are
+"""Facts read from the environment in one place each (core/config.py, core/values.py): which settings are
 secret, where Docker is, who runs a tool."""
 
 from __future__ import annotations
 
 import os
 
-from jobrunner_lib.core import config
+from jobrunner_lib.core import config, values
 
 
 def test_secrets_are_the_tokens_and_every_database_url():
@@ -20,24 +20,24 @@ def test_secrets_are_the_tokens_and_every_database_url():
 def test_docker_host_is_the_setting_else_the_platform_default(monkeypatch):
     monkeypatch.delenv("DOCKER_HOST", raising=False)
     default = "npipe:////./pipe/docker_engine" if os.name == "nt" else "unix:///var/run/docker.sock"
-    assert config.docker_host() == default
-    assert config.docker_host({"DOCKER_HOST": "tcp://from-dotenv:2375"}) == "tcp://from-dotenv:2375"
+    assert values.docker_host() == default
+    assert values.docker_host({"DOCKER_HOST": "tcp://from-dotenv:2375"}) == "tcp://from-dotenv:2375"
     monkeypatch.setenv("DOCKER_HOST", "ssh://elsewhere")
-    assert config.docker_host() == "ssh://elsewhere"
-    assert config.docker_host({"DOCKER_HOST": "tcp://from-dotenv:2375"}) == "tcp://from-dotenv:2375"
+    assert values.docker_host() == "ssh://elsewhere"
+    assert values.docker_host({"DOCKER_HOST": "tcp://from-dotenv:2375"}) == "tcp://from-dotenv:2375"
 
 
 def test_user_name_is_jr_user_else_the_login_name_else_unknown(monkeypatch):
     import getpass
 
     monkeypatch.setenv("JR_USER", "alice")
-    assert config.user_name() == "alice"
+    assert values.user_name() == "alice"
     monkeypatch.setenv("JR_USER", "")
     monkeypatch.setattr(getpass, "getuser", lambda: "bob")
-    assert config.user_name() == "bob"
+    assert values.user_name() == "bob"
 
     def no_login_name() -> str:
         raise OSError("no login name")
 
     monkeypatch.setattr(getpass, "getuser", no_login_name)
-    assert config.user_name() == "unknown"
+    assert values.user_name() == "unknown"

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jobrunner_lib.core import joblog
-from jobrunner_lib.core.config import DEFAULT_JOB_LOG_LIMIT, LogLimit
 from jobrunner_lib.core.joblog import write_capped
+from jobrunner_lib.core.values import DEFAULT_JOB_LOG_LIMIT, LogLimit
 
 NOTE = re.compile(
     rb"\[jr: the job's log had at least (\d+) bytes \((\d+) lines?\); only the last (\d+) bytes "
