@@ -10,7 +10,7 @@ from jobrunner_lib.core import flags as core_flags
 from jobrunner_lib.core.errors import UsageError
 from jobrunner_lib.core.flags import DB_MAINTENANCE, MANUAL_DB_MAINTENANCE, MODE, PAUSED, Flag
 from jobrunner_lib.core.models import iso
-from jobrunner_lib.store import queries as db_queries
+from jobrunner_lib.store import flags as store_flags
 
 from .common import Context, Tool, run_tool
 
@@ -104,7 +104,7 @@ said on stderr. Unknown flags or values: exit 2."""
     # -- show --
 
     def show(self, ctx: Context, names: Sequence[str]) -> int:
-        flags = db_queries.backend_flags(ctx.conn)
+        flags = store_flags.backend_flags(ctx.conn)
         self.emit(ctx, flags, names or core_flags.NAMES)
         self.say_check(ctx)
         return 0
@@ -145,7 +145,7 @@ said on stderr. Unknown flags or values: exit 2."""
     def change(self, ctx: Context, wanted: list[tuple[str, str | None]]) -> int:
         config = ctx.config
         assert config is not None
-        flags = db_queries.backend_flags(ctx.conn)
+        flags = store_flags.backend_flags(ctx.conn)
         check = bool(config.maintenance_check_image)
         explicit = dict(wanted)  # each flag once, its last word wins
         plan: list[tuple[str, str | None]] = []
@@ -187,7 +187,7 @@ said on stderr. Unknown flags or values: exit 2."""
             if ctx.args.dry_run:
                 ctx.say(f"dry run: would {'set' if value else 'clear'} {what} (now {was})")
                 continue
-            flags[name], _ = db_queries.put_flag(ctx.conn, name, value)
+            flags[name], _ = store_flags.put_flag(ctx.conn, name, value)
             changed = True
             effect = f": {EFFECT[name]}" if value is not None else ""
             ctx.say(f"{'set' if value else 'cleared'} {what} (was {was}){effect}")
@@ -196,7 +196,7 @@ said on stderr. Unknown flags or values: exit 2."""
                 from jobrunner_lib.jobs import maintenance
 
                 # The check decides at once (the next pass starts it), not an interval later.
-                db_queries.put_flag(
+                store_flags.put_flag(
                     ctx.conn, maintenance.CHECK_FLAG, f"due: {MANUAL_DB_MAINTENANCE} cleared", at=0
                 )
             try:

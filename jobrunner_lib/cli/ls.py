@@ -8,6 +8,7 @@ import time
 from jobrunner_lib.core import flags as core_flags
 from jobrunner_lib.core.errors import UsageError
 from jobrunner_lib.core.models import State, StatusCode, iso
+from jobrunner_lib.store import flags as store_flags
 from jobrunner_lib.store import queries as db_queries
 
 from .common import Context, Tool, run_tool
@@ -171,7 +172,7 @@ class Ls(Tool):
                 "total": str(sum(totals.values())),
             }
         )
-        flags = db_queries.backend_flags(ctx.conn)
+        flags = store_flags.backend_flags(ctx.conn)
         if core_flags.paused(flags):
             flag = flags[core_flags.PAUSED]
             # An older jr stored who paused it as the value.

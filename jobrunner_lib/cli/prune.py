@@ -17,6 +17,7 @@ from jobrunner_lib.core.models import Job, StatusCode
 from jobrunner_lib.docker import images as docker_images
 from jobrunner_lib.docker import mounts, volumes
 from jobrunner_lib.ops import objects as service
+from jobrunner_lib.store import flags as store_flags
 from jobrunner_lib.store import queries as db_queries
 
 from .common import Context, Tool, run_tool
@@ -377,7 +378,7 @@ Prints what it removed, the space Docker reports reclaimed and the size of the f
             else:
                 path.unlink(missing_ok=True)
         elif item.kind == "flag":
-            db_queries.set_flag(ctx.conn, item.ref, None)
+            store_flags.set_flag(ctx.conn, item.ref, None)
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from jobrunner_lib.core.config import Config
 from jobrunner_lib.core.errors import ConfigError, OperationFailed, TemporaryFailure
 from jobrunner_lib.core.flags import Flag
 from jobrunner_lib.jobs.sync import SyncResult, display_endpoint, sync_pass
-from jobrunner_lib.store import queries as db_queries
+from jobrunner_lib.store import flags as store_flags
 from jobrunner_lib.website.client import (
     JobServerBadResponse,
     JobServerClient,
@@ -70,7 +70,7 @@ exit codes: 0 done, 75 the website is unreachable or another jr-sync is running 
 
         def flags() -> Iterable[Flag]:
             # Every call carries the backend's flags as they are then (the Flags header).
-            return db_queries.backend_flags(conn).values()
+            return store_flags.backend_flags(conn).values()
 
         with _single_pass(config), _client(config, flags) as client:
             try:

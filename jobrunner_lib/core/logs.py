@@ -119,6 +119,14 @@ def setup(
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def setup_process(component: str, config: Any) -> None:
+    """setup() for a background process (a worker, the maintenance check) from its config: its
+    level and debug file, and every secret it holds masked."""
+    setup(component, config.loglevel, debug_log_file=config.debug_log_file)
+    for secret in config.secrets:
+        register_secret(secret)
+
+
 def component() -> str:
     """The component name given to setup() (the tool's name, `run` or `sync`)."""
     return _COMPONENT

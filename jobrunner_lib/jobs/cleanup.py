@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from jobrunner_lib.core.config import Config
 from jobrunner_lib.core.models import StatusCode, now
+from jobrunner_lib.store import flags as store_flags
 from jobrunner_lib.store import queries as db_queries
 
 log = logging.getLogger(__name__)
@@ -26,24 +27,24 @@ KEPT_CODES = frozenset({StatusCode.INTERNAL_ERROR, StatusCode.KILLED_BY_ADMIN})
 
 def owe(conn: sqlite3.Connection, job_id: str) -> None:
     """Note that the job's Docker objects must be removed once it ends."""
-    db_queries.set_flag(conn, PREFIX + job_id, str(now()))
+    store_flags.set_flag(conn, PREFIX + job_id, str(now()))
 
 
 def settled(conn: sqlite3.Connection, job_id: str) -> None:
     """The job owes nothing any more (its objects are gone, or kept on purpose)."""
-    db_queries.set_flag(conn, PREFIX + job_id, None)
+    store_flags.set_flag(conn, PREFIX + job_id, None)
 
 
 def owed(conn: sqlite3.Connection) -> set[str]:
     """The ids of the jobs whose Docker objects may still be there."""
-    return {name[len(PREFIX) :] for name in db_queries.flags(conn, PREFIX)}
+    return {name[len(PREFIX) :] for name in store_flags.flags(conn, PREFIX)}
 
 
 def sweep(
     config: Config, conn: sqlite3.Connection, is_alive: Callable[[int, float | None], bool]
 ) -> list[str]:
     """Remove the objects of finished jobs whose worker died before doing so; the job ids cleaned."""
-    owed = db_queries.flags(conn, PREFIX)
+    owed = store_flags.flags(conn, PREFIX)
     if not owed:
         return []
     # Lazily: only needed when something is owed.

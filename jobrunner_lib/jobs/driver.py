@@ -36,6 +36,7 @@ from jobrunner_lib.jobs.executor import Executor, ExecutorState, LocalDockerExec
 from jobrunner_lib.jobs.outage import DockerOutage, disk_name, full_disk_name, store_unusable
 from jobrunner_lib.jobs.processes import process_info
 from jobrunner_lib.pipeline.names import action_name_problem
+from jobrunner_lib.store import flags as store_flags
 from jobrunner_lib.store import queries as db_queries
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ class Driver:
         except BrokenContainerError as exc:
             # The container may hang every call made to it: touch nothing, tell jr-prune.
             log.error(f"Copy stalled, container left alone: {exc}", extra={"job": self.job})
-            db_queries.set_flag(
+            store_flags.set_flag(
                 self.conn, f"hung:{exc.container_name}", f"{self.job.id} {iso(time.time())}"
             )
             return self.finish_early(

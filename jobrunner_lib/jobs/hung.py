@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 
 from jobrunner_lib.docker import engine as docker
-from jobrunner_lib.store import queries as db_queries
+from jobrunner_lib.store import flags as store_flags
 
 PREFIX = "hung:"
 
@@ -23,7 +23,7 @@ def flag_name(container: str) -> str:
 
 def hung_containers(conn: sqlite3.Connection) -> dict[str, str]:
     """Containers the copy guard flagged as hung (`hung:<name>` flags): name -> flag value."""
-    return {name[len(PREFIX) :]: value for name, value in db_queries.flags(conn, PREFIX).items()}
+    return {name[len(PREFIX) :]: value for name, value in store_flags.flags(conn, PREFIX).items()}
 
 
 def hung_objects_of(job_id: str, hung: dict[str, str]) -> list[str]:

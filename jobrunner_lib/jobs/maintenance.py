@@ -44,7 +44,7 @@ from jobrunner_lib.core.errors import (
 )
 from jobrunner_lib.core.models import iso
 from jobrunner_lib.jobs.outage import store_unusable
-from jobrunner_lib.store import queries as db_queries
+from jobrunner_lib.store import flags as store_flags
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class CheckFailed(JrError):
 
 def last_check(conn: sqlite3.Connection) -> core_flags.Flag | None:
     """When the last check started or ended, and how it went (None: never)."""
-    return db_queries.flag_rows(conn, [CHECK_FLAG]).get(CHECK_FLAG)
+    return store_flags.flag_rows(conn, [CHECK_FLAG]).get(CHECK_FLAG)
 
 
 def due(config: Config, conn: sqlite3.Connection, now: float) -> bool:
@@ -90,7 +90,7 @@ def start_if_due(
     at = now()
     if not due(config, conn, at):
         return None
-    db_queries.put_flag(conn, CHECK_FLAG, f"started {iso(at)}", at=at)
+    store_flags.put_flag(conn, CHECK_FLAG, f"started {iso(at)}", at=at)
     if spawn is None:
         from jobrunner_lib.jobs.processes import spawn_detached
 
@@ -110,7 +110,7 @@ def check(config: Config, conn: sqlite3.Connection) -> tuple[str | None, bool]:
     Raises CheckFailed (nothing changed) when the database's answer could not be had.
     """
     log.info("checking if db undergoing maintenance...")
-    flags = db_queries.backend_flags(conn)
+    flags = store_flags.backend_flags(conn)
     manual = flags.get(core_flags.MANUAL_DB_MAINTENANCE)
     if manual is not None and core_flags.is_on(manual.value):
         # Manually set: the database is not asked (upstream's manual override).
@@ -130,7 +130,7 @@ def check(config: Config, conn: sqlite3.Connection) -> tuple[str | None, bool]:
             if current == core_flags.DB_MAINTENANCE:
                 log.info("DB maintenance mode had ended")
             new = None
-    flag, changed = db_queries.put_flag(
+    flag, changed = store_flags.put_flag(
         conn, core_flags.MODE, new, unless=core_flags.MANUAL_DB_MAINTENANCE if new is None else None
     )
     log.info(f"db mode: {flag.value}")
@@ -218,9 +218,9 @@ def run_once(config: Config, conn: sqlite3.Connection) -> int:
             else:
                 log.exception(failed)
             why = logs.squash_whitespace(f"{type(exc).__name__}: {exc}")
-            db_queries.put_flag(conn, CHECK_FLAG, f"failed at {iso(time.time())}: {why}")
+            store_flags.put_flag(conn, CHECK_FLAG, f"failed at {iso(time.time())}: {why}")
             return EXIT_TEMPFAIL if isinstance(exc, DockerUnavailable) else EXIT_FAILED
-        db_queries.put_flag(
+        store_flags.put_flag(
             conn, CHECK_FLAG, f"{core_flags.MODE}={mode or ''} at {iso(time.time())}"
         )
         if changed:
@@ -245,9 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"maintenance check: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    logs.setup("mntn", config.loglevel, debug_log_file=config.debug_log_file)
-    for secret in config.secrets:
-        logs.register_secret(secret)
+    logs.setup_process("mntn", config)
     from jobrunner_lib.store import db
 
     try:

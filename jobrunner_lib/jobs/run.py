@@ -33,6 +33,7 @@ from jobrunner_lib.jobs.processes import (
     worker_holds,
 )
 from jobrunner_lib.store import db
+from jobrunner_lib.store import flags as store_flags
 from jobrunner_lib.store import queries as db_queries
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def run_pass(
     run.remove_objects = remove_objects or _remove_job_objects
     run.jobs = {job.id: job for job in jobs}
     if jobs:
-        flags = db_queries.backend_flags(conn)
+        flags = store_flags.backend_flags(conn)
         run.paused = core_flags.paused(flags)
         run.db_maintenance = core_flags.db_maintenance(flags)
     # Supervision first: a job failed for good frees its capacity for this pass's claims.

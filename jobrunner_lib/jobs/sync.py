@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 from jobrunner_lib.core.config import Config
 from jobrunner_lib.core.models import Job, JobRequest
 from jobrunner_lib.jobs.create import RetryLater, handle_request
+from jobrunner_lib.store import flags as store_flags
 from jobrunner_lib.store import queries as db_queries
 from jobrunner_lib.website.client import (
     JobServerClient,
@@ -148,7 +149,7 @@ def _only_ours(
             continue
         result.problems += 1
         flag = f"foreign-request:{request.id}"
-        if db_queries.get_flag(conn, flag) is None:
+        if store_flags.get_flag(conn, flag) is None:
             log.warning(
                 "Ignoring JobRequest for backend %r: this is backend %r (is JOB_SERVER_TOKEN "
                 "this backend's token?)",
@@ -156,7 +157,7 @@ def _only_ours(
                 config.backend,
                 extra={"req": request.id},
             )
-            db_queries.set_flag(conn, flag, request.backend)
+            store_flags.set_flag(conn, flag, request.backend)
     return ours
 
 

@@ -180,9 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"worker: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    logs.setup("run", config.loglevel, debug_log_file=config.debug_log_file)
-    for secret in config.secrets:
-        logs.register_secret(secret)
+    logs.setup_process("run", config)
     return _drive_from(config, args[0])
 
 

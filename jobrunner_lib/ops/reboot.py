@@ -15,6 +15,7 @@ from jobrunner_lib.core.models import Job, Msg, State, StatusCode, iso, transiti
 from jobrunner_lib.docker import engine as docker
 from jobrunner_lib.jobs.locks import holding_run_lock, take_run_lock
 from jobrunner_lib.ops import objects
+from jobrunner_lib.store import flags as store_flags
 from jobrunner_lib.store import queries as db_queries
 
 log = logging.getLogger(__name__)
@@ -129,14 +130,14 @@ def pause(conn: sqlite3.Connection) -> tuple[str, bool]:
     current = paused(conn)
     if current is not None:
         return current, True
-    flag, _ = db_queries.put_flag(conn, PAUSED, core_flags.VALUES[PAUSED])
+    flag, _ = store_flags.put_flag(conn, PAUSED, core_flags.VALUES[PAUSED])
     return f"since {iso(flag.timestamp)} by {objects.operator()}", False
 
 
 def paused(conn: sqlite3.Connection) -> str | None:
     """Since when the backend is paused (`since <time>`, or the text an older jr stored), or
     None when it is not."""
-    flag = db_queries.backend_flags(conn).get(PAUSED)
+    flag = store_flags.backend_flags(conn).get(PAUSED)
     if flag is None or not core_flags.is_on(flag.value):
         return None
     if flag.value != core_flags.VALUES[PAUSED]:
@@ -146,7 +147,7 @@ def paused(conn: sqlite3.Connection) -> str | None:
 
 def resume(conn: sqlite3.Connection) -> None:
     """Lift the pause (the flag's row stays, cleared, with the time: the website sees when)."""
-    db_queries.put_flag(conn, PAUSED, None)
+    store_flags.put_flag(conn, PAUSED, None)
 
 
 def idle_under_lock(config: Config, conn: sqlite3.Connection) -> bool:

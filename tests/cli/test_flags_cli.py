@@ -12,7 +12,7 @@ import requests
 from jobrunner_lib.cli.formats import read_tsv
 from jobrunner_lib.core.flags import timestamp_isoformat
 from jobrunner_lib.store import db
-from jobrunner_lib.store import queries as db_queries
+from jobrunner_lib.store import flags as store_flags
 from tests.support.cli import run
 from tests.support.fake_jobserver import FakeJobServer
 
@@ -90,7 +90,7 @@ def test_with_a_check_clearing_manual_maintenance_leaves_the_mode_to_the_check(w
     assert "the maintenance check runs at the next pass" in result.stderr
     conn = db.connect(workdir / "db.sqlite")
     try:
-        last = db_queries.flag_rows(conn, ["maintenance-check"])["maintenance-check"]
+        last = store_flags.flag_rows(conn, ["maintenance-check"])["maintenance-check"]
     finally:
         conn.close()
     assert last.timestamp == 0  # due at once
@@ -143,7 +143,7 @@ def test_jr_sync_sends_the_stores_flags_on_every_get_and_post(workdir, fake_jobs
     flags(workdir, "clear", "paused")
     conn = db.connect(workdir / "db.sqlite")
     try:
-        stored = db_queries.backend_flags(conn)
+        stored = store_flags.backend_flags(conn)
     finally:
         conn.close()
 

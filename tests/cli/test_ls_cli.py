@@ -11,6 +11,7 @@ import pytest
 
 from jobrunner_lib.core.models import State, StatusCode
 from jobrunner_lib.store import db
+from jobrunner_lib.store import flags as store_flags
 from jobrunner_lib.store import queries as db_queries
 from tests.support.cli import run, tool_env
 from tests.support.factories import make_job, make_request
@@ -133,7 +134,7 @@ def test_summary_counts_per_workspace_and_shows_pause(jobs):
         "(all)\t0\t1\t1\t1\t3",
     ]
     assert result.stderr == ""
-    db_queries.set_flag(db.connect(workdir / "db.sqlite"), "paused", "draining for reboot")
+    store_flags.set_flag(db.connect(workdir / "db.sqlite"), "paused", "draining for reboot")
     result = run("jr-ls", "--summary", workdir=workdir)
     assert "Backend is PAUSED (draining for reboot)" in result.stderr
     # As jr-reboot-prep and jr-flags set it now (`true`, as upstream): since when.

@@ -24,6 +24,7 @@ from jobrunner_lib.docker import engine as docker
 from jobrunner_lib.docker.mounts import ROLE_LABEL
 from jobrunner_lib.jobs import maintenance, processes, run
 from jobrunner_lib.store import db
+from jobrunner_lib.store import flags as store_flags
 from jobrunner_lib.store import queries as db_queries
 from tests.support import cli
 from tests.support.factories import make_job, make_request
@@ -230,7 +231,7 @@ def check_config(monkeypatch: pytest.MonkeyPatch, command: str) -> Config:
 
 
 def mode(conn: sqlite3.Connection) -> str | None:
-    flag = db_queries.backend_flags(conn).get("mode")
+    flag = store_flags.backend_flags(conn).get("mode")
     return flag.value if flag else None
 
 
@@ -262,12 +263,12 @@ def test_the_check_sets_and_clears_db_maintenance_from_a_real_containers_output(
         assert "DB maintenance mode had ended" in caplog.text
 
         # Manual maintenance: the database is not asked, and the mode is held.
-        db_queries.put_flag(conn, "manual-db-maintenance", "on")
+        store_flags.put_flag(conn, "manual-db-maintenance", "on")
         assert maintenance.run_once(failing, conn) == 0
         assert mode(conn) == "db-maintenance"
         assert maintenance.run_once(off, conn) == 0
         assert mode(conn) == "db-maintenance"
-        assert db_queries.get_flag(conn, "manual-db-maintenance") == "on"
+        assert store_flags.get_flag(conn, "manual-db-maintenance") == "on"
         assert check_containers(on) == []
     finally:
         conn.close()

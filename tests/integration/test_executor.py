@@ -29,6 +29,7 @@ from jobrunner_lib.docker import tarstream, volumes
 from jobrunner_lib.jobs.executor import ExecutorState, LocalDockerExecutor
 from jobrunner_lib.jobs.worker import drive_job
 from jobrunner_lib.store import db
+from jobrunner_lib.store import flags as store_flags
 from jobrunner_lib.store import queries as db_queries
 from tests.support.cli import tool_env
 from tests.support.factories import Jobs
@@ -566,7 +567,7 @@ def test_stalled_copy_fails_job_marks_container_hung_and_touches_nothing(config,
     assert "stalled" in done.status_message
     helper = docker.helper_name(job.id)
     with db.connect(config.db_path) as c:
-        assert db_queries.get_flag(c, f"hung:{helper}").startswith(job.id)
+        assert store_flags.get_flag(c, f"hung:{helper}").startswith(job.id)
     assert docker.volume_exists(docker.volume_name(job.id))  # nothing was cleaned up
 
 

@@ -28,6 +28,7 @@ from jobrunner_lib.docker import engine as docker
 from jobrunner_lib.docker import volumes
 from jobrunner_lib.jobs import processes, run
 from jobrunner_lib.store import db
+from jobrunner_lib.store import flags as store_flags
 from jobrunner_lib.store import queries as db_queries
 from tests.support import cli
 from tests.support.factories import make_request
@@ -317,7 +318,7 @@ def test_kill_finished_job_keeps_its_state_and_cleanup_clears_leftovers(config, 
 def test_kill_cleanup_leaves_a_hung_container_alone(config, conn):
     hung = insert(conn, "h", State.FAILED, StatusCode.JOB_ERROR, "BrokenContainerError: stalled")
     docker.create_volume(docker.volume_name(hung.id), docker.labels(config.backend, hung.id))
-    db_queries.set_flag(conn, f"hung:{docker.helper_name(hung.id)}", hung.id)
+    store_flags.set_flag(conn, f"hung:{docker.helper_name(hung.id)}", hung.id)
     result = tool(config.workdir, "jr-kill", "--cleanup", "--yes", hung.id)
     assert result.returncode == 0, result.stderr
     assert rows(result)[0]["result"] == (
@@ -634,7 +635,7 @@ def test_drain_pauses_waits_for_running_jobs_and_resume_lifts_it(config, conn, s
     assert "job(s) still running (the backend stays paused):" in timed_out.stderr
     assert stuck_id in timed_out.stderr  # the sleeper certainly still runs
     # The `paused` backend flag, as upstream sets it (jr-flags shows it, the website receives it).
-    assert db_queries.get_flag(conn, "paused") == "true"
+    assert store_flags.get_flag(conn, "paused") == "true"
     assert "paused: draining for reboot since " in timed_out.stderr
     assert tool(config.workdir, "jr-kill", "--yes", stuck_id).returncode == 0
 
@@ -675,8 +676,8 @@ def test_drain_pauses_waits_for_running_jobs_and_resume_lifts_it(config, conn, s
 
     resumed = tool(config.workdir, "jr-reboot-prep", "--resume")
     assert resumed.returncode == 0 and "resumed: lifted the pause (paused since " in resumed.stderr
-    assert db_queries.get_flag(conn, "paused") is None
-    assert db_queries.backend_flags(conn)["paused"].value is None  # cleared, its time kept
+    assert store_flags.get_flag(conn, "paused") is None
+    assert store_flags.backend_flags(conn)["paused"].value is None  # cleared, its time kept
     drive(config, conn, final(conn, queued), what="the queued job")
     assert get(conn, queued).state is State.SUCCEEDED
 
@@ -735,10 +736,10 @@ def test_prune_removes_only_this_backends_leftovers_of_finished_jobs(config, con
     )
     api.start(mount)
     make_objects(backend, hung.id, helper=True)
-    db_queries.set_flag(
+    store_flags.set_flag(
         conn, f"hung:{docker.helper_name(hung.id)}", f"{hung.id} 2021-11-03T09:12:51Z"
     )
-    db_queries.set_flag(conn, "hung:os-volume-nosuchjob-manager", "x")
+    store_flags.set_flag(conn, "hung:os-volume-nosuchjob-manager", "x")
     other = job_id(new_request_id(), "other")
     make_objects(f"other{SESSION}", other)
     plain = f"jrtest-plain-{SESSION}"
@@ -810,8 +811,8 @@ def test_prune_removes_only_this_backends_leftovers_of_finished_jobs(config, con
         "old-image",
         "tmp-old",
     }
-    assert db_queries.get_flag(conn, "hung:os-volume-nosuchjob-manager") is None
-    assert db_queries.get_flag(conn, f"hung:{docker.helper_name(hung.id)}") is not None
+    assert store_flags.get_flag(conn, "hung:os-volume-nosuchjob-manager") is None
+    assert store_flags.get_flag(conn, f"hung:{docker.helper_name(hung.id)}") is not None
 
     again = tool(config.workdir, "jr-prune", "--yes", **PRUNE_ENV)
     assert again.returncode == 0 and rows(again) == [] and "nothing to prune" in again.stderr

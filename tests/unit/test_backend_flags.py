@@ -22,6 +22,7 @@ from jobrunner_lib.core.models import Job, Msg, State, StatusCode
 from jobrunner_lib.jobs import cleanup, maintenance
 from jobrunner_lib.jobs.run import run_pass
 from jobrunner_lib.store import db
+from jobrunner_lib.store import flags as store_flags
 from jobrunner_lib.store import queries as db_queries
 from jobrunner_lib.website.wire import flags_header
 
@@ -86,26 +87,26 @@ def conn(tmp_path: Path):
 
 
 def test_a_flag_keeps_the_time_of_its_last_change_and_a_cleared_flag_keeps_its_row(conn):
-    flag, changed = db_queries.put_flag(conn, "mode", "db-maintenance", at=100.5)
+    flag, changed = store_flags.put_flag(conn, "mode", "db-maintenance", at=100.5)
     assert (flag, changed) == (Flag("mode", "db-maintenance", 100.5), True)
     # Set again: nothing changes, not even the time (as upstream's set_flag).
-    assert db_queries.put_flag(conn, "mode", "db-maintenance", at=200) == (flag, False)
-    cleared, changed = db_queries.put_flag(conn, "mode", None, at=300)
+    assert store_flags.put_flag(conn, "mode", "db-maintenance", at=200) == (flag, False)
+    cleared, changed = store_flags.put_flag(conn, "mode", None, at=300)
     assert (cleared, changed) == (Flag("mode", None, 300), True)
-    assert db_queries.backend_flags(conn) == {"mode": Flag("mode", None, 300)}
+    assert store_flags.backend_flags(conn) == {"mode": Flag("mode", None, 300)}
     # Internal flags (cleanup:, hung:, the check's) are never backend flags.
-    db_queries.set_flag(conn, "cleanup:abc", "1")
-    db_queries.put_flag(conn, maintenance.CHECK_FLAG, "started", at=1)
-    assert list(db_queries.backend_flags(conn)) == ["mode"]
+    store_flags.set_flag(conn, "cleanup:abc", "1")
+    store_flags.put_flag(conn, maintenance.CHECK_FLAG, "started", at=1)
+    assert list(store_flags.backend_flags(conn)) == ["mode"]
 
 
 def test_unless_leaves_a_flag_alone_while_the_other_is_on(conn):
-    db_queries.put_flag(conn, "mode", "db-maintenance", at=1)
-    db_queries.put_flag(conn, "manual-db-maintenance", "on", at=1)
-    assert db_queries.put_flag(conn, "mode", None, unless="manual-db-maintenance")[1] is False
-    assert db_queries.get_flag(conn, "mode") == "db-maintenance"
-    db_queries.put_flag(conn, "manual-db-maintenance", None, at=2)
-    assert db_queries.put_flag(conn, "mode", None, unless="manual-db-maintenance")[1] is True
+    store_flags.put_flag(conn, "mode", "db-maintenance", at=1)
+    store_flags.put_flag(conn, "manual-db-maintenance", "on", at=1)
+    assert store_flags.put_flag(conn, "mode", None, unless="manual-db-maintenance")[1] is False
+    assert store_flags.get_flag(conn, "mode") == "db-maintenance"
+    store_flags.put_flag(conn, "manual-db-maintenance", None, at=2)
+    assert store_flags.put_flag(conn, "mode", None, unless="manual-db-maintenance")[1] is True
 
 
 # ---- settings ----------------------------------------------------------------------------------
@@ -187,19 +188,19 @@ def test_the_check_sets_and_clears_the_mode_from_the_last_line(checked, conn):
     assert maintenance.check(config, conn) == ("db-maintenance", False)
     assert maintenance.check(config, conn) == (None, True)
     assert asked == [None, "db-maintenance", "db-maintenance"]
-    assert db_queries.backend_flags(conn)["mode"].value is None
+    assert store_flags.backend_flags(conn)["mode"].value is None
     # A check that cannot answer changes nothing (and says so in the check's flag).
     assert maintenance.run_once(config, conn) == 1
-    assert db_queries.backend_flags(conn)["mode"].value is None
+    assert store_flags.backend_flags(conn)["mode"].value is None
     assert maintenance.last_check(conn).value.startswith("failed at ")
 
 
 def test_manual_maintenance_is_not_asked_and_never_cleared_by_the_check(checked, conn):
     config, answers, asked = checked
-    db_queries.put_flag(conn, "manual-db-maintenance", "on")
+    store_flags.put_flag(conn, "manual-db-maintenance", "on")
     assert maintenance.check(config, conn) == ("db-maintenance", True)
     assert asked == []
-    assert db_queries.get_flag(conn, "manual-db-maintenance") == "on"
+    assert store_flags.get_flag(conn, "manual-db-maintenance") == "on"
 
 
 def test_the_check_is_started_once_per_interval_by_the_passes(tmp_path, conn):
@@ -311,7 +312,7 @@ def running(conn: sqlite3.Connection, workers: Workers, job_id: str, code: Statu
 @pytest.mark.parametrize("flag", ["mode", "manual-db-maintenance"])
 def test_maintenance_holds_and_stops_database_jobs_only(tmp_path, conn, flag):
     workers = Workers()
-    db_queries.put_flag(conn, flag, core_flags.VALUES[flag])
+    store_flags.put_flag(conn, flag, core_flags.VALUES[flag])
     add(conn, "db_pending", requires_db=True)
     add(conn, "plain_pending")
     db_run = running(conn, workers, "db_running", StatusCode.EXECUTING, requires_db=True)
@@ -344,8 +345,8 @@ def test_maintenance_holds_and_stops_database_jobs_only(tmp_path, conn, flag):
     }
 
     # Cleared: both database jobs start again.
-    db_queries.put_flag(conn, "mode", None)
-    db_queries.put_flag(conn, "manual-db-maintenance", None)
+    store_flags.put_flag(conn, "mode", None)
+    store_flags.put_flag(conn, "manual-db-maintenance", None)
     one_pass(conn, tmp_path, workers)
     assert get(conn, "db_pending").state is State.RUNNING
     assert get(conn, "db_running").state is State.RUNNING
@@ -354,14 +355,14 @@ def test_maintenance_holds_and_stops_database_jobs_only(tmp_path, conn, flag):
 
 def test_a_stopped_job_whose_objects_stay_is_not_claimed_until_they_are_gone(tmp_path, conn):
     workers = Workers()
-    db_queries.put_flag(conn, "mode", "db-maintenance")
+    store_flags.put_flag(conn, "mode", "db-maintenance")
     running(conn, workers, "db", StatusCode.PREPARING, requires_db=True)
     workers.fail_removal = True
     one_pass(conn, tmp_path, workers)
     assert get(conn, "db").state is State.PENDING
     assert "db" in cleanup.owed(conn)
 
-    db_queries.put_flag(conn, "mode", None)
+    store_flags.put_flag(conn, "mode", None)
     one_pass(conn, tmp_path, workers)  # removal still fails: it waits
     assert get(conn, "db").state is State.PENDING and workers.spawned == []
     workers.fail_removal = False
@@ -372,7 +373,7 @@ def test_a_stopped_job_whose_objects_stay_is_not_claimed_until_they_are_gone(tmp
 
 def test_a_cancelled_database_job_is_left_to_its_worker(tmp_path, conn):
     workers = Workers()
-    db_queries.put_flag(conn, "mode", "db-maintenance")
+    store_flags.put_flag(conn, "mode", "db-maintenance")
     running(conn, workers, "db", StatusCode.EXECUTING, requires_db=True, cancelled=True)
     one_pass(conn, tmp_path, workers)
     assert get(conn, "db").state is State.RUNNING and workers.killed == []

@@ -21,6 +21,7 @@ from jobrunner_lib.jobs import processes
 from jobrunner_lib.jobs.locks import take_run_lock
 from jobrunner_lib.jobs.run import WORKER_DIED, Change, after_job, run_pass
 from jobrunner_lib.store import db
+from jobrunner_lib.store import flags as store_flags
 from jobrunner_lib.store import queries as db_queries
 from tests.support.waiting import wait_for
 
@@ -188,7 +189,7 @@ def test_pause_flag_holds_pending_jobs(
     tmp_path: Path, conn: sqlite3.Connection, workers: Workers, now: float
 ) -> None:
     add(conn, "job")
-    db_queries.set_flag(conn, "paused", "maintenance")
+    store_flags.set_flag(conn, "paused", "maintenance")
     one_pass(conn, make_config(tmp_path), workers, now)
     job = get(conn, "job")
     assert (job.state, job.status_code, job.status_message) == (
@@ -197,7 +198,7 @@ def test_pause_flag_holds_pending_jobs(
         Msg.PAUSED,
     )
     assert workers.spawned == []
-    db_queries.set_flag(conn, "paused", None)
+    store_flags.set_flag(conn, "paused", None)
     one_pass(conn, make_config(tmp_path), workers, now)
     assert get(conn, "job").state is State.RUNNING
 
@@ -206,7 +207,7 @@ def test_pause_keeps_the_waiting_on_reboot_message(
     tmp_path: Path, conn: sqlite3.Connection, workers: Workers, now: float
 ) -> None:
     add(conn, "job", status_code=StatusCode.WAITING_ON_REBOOT, status_message=Msg.WAITING_ON_REBOOT)
-    db_queries.set_flag(conn, "paused", "reboot")
+    store_flags.set_flag(conn, "paused", "reboot")
     assert one_pass(conn, make_config(tmp_path), workers, now) == []
     assert get(conn, "job").rev == 0
 
@@ -296,7 +297,7 @@ def test_waiting_job_gets_updated_at_refreshed_without_a_revision(
     stale = int(now) - 600
     add(conn, "dep", State.SUCCEEDED)
     add(conn, "job", status_code=StatusCode.PAUSED, status_message=Msg.PAUSED, updated_at=stale)
-    db_queries.set_flag(conn, "paused", "yes")
+    store_flags.set_flag(conn, "paused", "yes")
     assert one_pass(conn, make_config(tmp_path), workers, now) == []
     job = get(conn, "job")
     assert job.rev == 0
