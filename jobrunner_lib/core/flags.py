@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 PAUSED = "paused"
 MODE = "mode"
@@ -72,4 +71,6 @@ def timestamp_isoformat(ts: float | None) -> str | None:
     and `Z` (`2024-11-08T16:07:29.123456Z`), i.e. `datetime.utcfromtimestamp(ts).isoformat() + "Z"`."""
     if ts is None:
         return None
+    from datetime import datetime, timezone  # lazily: jr-ls and completion must start fast
+
     return datetime.fromtimestamp(ts, tz=timezone.utc).replace(tzinfo=None).isoformat() + "Z"
