@@ -100,21 +100,26 @@ def labelled(docker_ready, monkeypatch):
         api.remove_volume(v["Name"], force=True)
 
 
-@pytest.fixture(scope="session")
-def study(tmp_path_factory) -> tuple[Path, str]:
-    """A git repo with analysis/*.sh scripts; returns (path, commit)."""
-    repo = tmp_path_factory.mktemp("study") / "study"
+def scripts_study(repo: Path, scripts: dict[str, str]) -> tuple[Path, str]:
+    """A git repo with an empty project.yaml and analysis/<name> for each script (indented
+    blocks, stripped); returns (path, commit). Each test adds its own claimed jobs."""
     (repo / "analysis").mkdir(parents=True)
     (repo / "project.yaml").write_text(
         "version: '3.0'\nexpectations: {population_size: 10}\nactions: {}\n"
     )
-    for name, body in SCRIPTS.items():
+    for name, body in scripts.items():
         text = "\n".join(line.strip() for line in body.strip().splitlines()) + "\n"
         (repo / "analysis" / name).write_text(text)
     git("init", "-q", "-b", "main", cwd=repo)
     git("add", ".", cwd=repo)
     git("commit", "-q", "-m", "study", cwd=repo)
     return repo, git("rev-parse", "HEAD", cwd=repo)
+
+
+@pytest.fixture(scope="session")
+def study(tmp_path_factory) -> tuple[Path, str]:
+    """A git repo with analysis/*.sh scripts; returns (path, commit)."""
+    return scripts_study(tmp_path_factory.mktemp("study") / "study", SCRIPTS)
 
 
 STORAGES = ("host", "docker")

@@ -24,9 +24,9 @@ from jobrunner_lib.jobs.worker import drive_job
 from jobrunner_lib.store import queries as db_queries
 from tests.integration.test_executor import (
     STORAGES,
-    git,
     labelled,  # noqa: F401 - an autouse fixture: labels and removes this module's objects
     make_config,
+    scripts_study,
     workspaces,
 )
 from tests.support.cli import ROOT, run, tool_env
@@ -68,18 +68,7 @@ def config(request, tmp_path) -> Config:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> tuple[Path, str]:
     """A git repo holding this module's scripts; (path, commit)."""
-    repo = tmp_path_factory.mktemp("ownership") / "study"
-    (repo / "analysis").mkdir(parents=True)
-    (repo / "project.yaml").write_text(
-        "version: '3.0'\nexpectations: {population_size: 10}\nactions: {}\n"
-    )
-    for name, body in SCRIPTS.items():
-        text = "\n".join(line.strip() for line in body.strip().splitlines()) + "\n"
-        (repo / "analysis" / name).write_text(text)
-    git("init", "-q", "-b", "main", cwd=repo)
-    git("add", ".", cwd=repo)
-    git("commit", "-q", "-m", "study", cwd=repo)
-    return repo, git("rev-parse", "HEAD", cwd=repo)
+    return scripts_study(tmp_path_factory.mktemp("ownership") / "study", SCRIPTS)
 
 
 def command(action: str, script: str | list[str]) -> str:
