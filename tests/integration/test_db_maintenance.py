@@ -28,6 +28,7 @@ from jobrunner_lib.store import flags as store_flags
 from jobrunner_lib.store import queries as db_queries
 from tests.support import cli
 from tests.support.factories import make_job, make_request
+from tests.support.fixtures import remove_labelled
 from tests.support.studies import make_study
 from tests.support.waiting import wait_for
 
@@ -65,26 +66,6 @@ SAYS_ALL_CLEAR = "-c 'echo \"was {current_mode}\"; echo normal operation'"
 FAILS = "-c 'echo db-maintenance; echo broken >&2; exit 3'"
 
 
-def remove_test_objects() -> None:
-    api = docker.client().api
-    wanted = {"label": [TEST_LABEL]}
-    deadline = time.monotonic() + 30
-    while True:
-        containers = api.containers(all=True, filters=wanted)
-        volumes = api.volumes(filters=wanted).get("Volumes") or []
-        if not containers and not volumes:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"could not remove {containers} {volumes}")
-        try:
-            for c in containers:
-                docker.remove_container(c["Id"])
-            for v in volumes:
-                docker.remove_volume(v["Name"])
-        except Exception:  # noqa: BLE001 - a worker may be removing the same objects
-            time.sleep(0.2)
-
-
 @pytest.fixture
 def env(workdir: Path, monkeypatch: pytest.MonkeyPatch, docker_ready) -> Iterator[Path]:
     """A real-data backend in a private workdir (its settings in the environment, which the
@@ -100,7 +81,7 @@ def env(workdir: Path, monkeypatch: pytest.MonkeyPatch, docker_ready) -> Iterato
             processes.kill_worker(row[0], row[1])
         conn.close()
     processes.reap_children()
-    remove_test_objects()
+    remove_labelled(TEST_LABEL)
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ from jobrunner_lib.store import queries as db_queries
 from tests.support.cli import BIN, run, tool_env
 from tests.support.env import scrub
 from tests.support.factories import insert_job, make_job, make_request
+from tests.support.fixtures import remove_labelled
 from tests.support.studies import make_study
 from tests.support.waiting import wait_for
 
@@ -191,17 +192,6 @@ class Backend:
             remove_labelled(self.label)
             self.conn.close()
             self.patch.undo()
-
-
-def remove_labelled(label: str) -> None:
-    """Remove the containers and volumes carrying this label (and only those)."""
-    key, value = label.split("=")
-    api = docker.client().api
-    for container in docker.list_containers(extra={key: value}):
-        docker.remove_container(container["Id"])
-    for volume in docker.list_volumes(extra={key: value}):
-        docker.remove_volume(volume["Name"])
-    assert not api.containers(all=True, filters={"label": label})
 
 
 def ambiguous_jobs(conn, state: State = State.RUNNING) -> tuple[str, list[Job]]:

@@ -32,6 +32,7 @@ from jobrunner_lib.store import flags as store_flags
 from jobrunner_lib.store import queries as db_queries
 from tests.support import cli
 from tests.support.factories import make_request
+from tests.support.fixtures import remove_labelled
 from tests.support.studies import make_study
 from tests.support.waiting import wait_for
 
@@ -85,36 +86,6 @@ QUICK_CSV = "id,n\n1,42\n"
 # ---- fixtures and helpers -------------------------------------------------------------------
 
 
-def remove_test_objects() -> None:
-    """Remove every container, volume and image carrying this session's label.
-
-    A worker may be removing the same objects at the same moment, so "in progress" and "in use"
-    are waited out rather than failing the test's teardown.
-    """
-    api = docker.client().api
-    wanted = {"label": [TEST_LABEL]}
-    deadline = time.monotonic() + 30
-    while True:
-        containers = api.containers(all=True, filters=wanted)
-        volumes = api.volumes(filters=wanted).get("Volumes") or []
-        if not containers and not volumes:
-            break
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"could not remove {containers} {volumes}")
-        try:
-            for c in containers:
-                docker.remove_container(c["Id"])
-            for v in volumes:
-                docker.remove_volume(v["Name"])
-        except Exception:  # noqa: BLE001 - e.g. a volume still in use by a container going away
-            time.sleep(0.2)
-    for image in api.images(filters=wanted):
-        try:
-            api.remove_image(image["Id"], force=True)
-        except Exception:  # noqa: BLE001 - already gone with its tag
-            pass
-
-
 @pytest.fixture
 def env(workdir: Path, monkeypatch: pytest.MonkeyPatch, docker_ready) -> Iterator[Path]:
     """A private workdir; our labels on every Docker object; workers and objects removed after."""
@@ -128,7 +99,7 @@ def env(workdir: Path, monkeypatch: pytest.MonkeyPatch, docker_ready) -> Iterato
             processes.kill_worker(row[0], row[1])
         conn.close()
     processes.reap_children()
-    remove_test_objects()
+    remove_labelled(TEST_LABEL, images=True)
 
 
 @pytest.fixture

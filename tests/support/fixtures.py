@@ -78,15 +78,38 @@ def as_root() -> None:
     pytest.skip(why)
 
 
-def remove_labelled(label: str) -> None:
-    """Remove every container and volume carrying `key=value` (only this test's own objects)."""
-    from jobrunner_lib.docker import engine as jr_docker
+def remove_labelled(label: str, *, images: bool = False) -> None:
+    """Remove every container and volume (and with images, image) carrying `label` (k=v).
 
-    client = jr_docker.client()
-    for container in client.containers.list(all=True, filters={"label": label}):
-        container.remove(force=True)
-    for volume in client.volumes.list(filters={"label": label}):
-        volume.remove(force=True)
+    A worker may be removing the same objects at the same moment, so "in progress" and "in use"
+    are waited out (30 s at most) rather than failing the test's teardown.
+    """
+    import time
+
+    from jobrunner_lib.docker import engine as docker
+
+    api = docker.client().api
+    wanted = {"label": [label]}
+    deadline = time.monotonic() + 30
+    while True:
+        containers = api.containers(all=True, filters=wanted)
+        volumes = api.volumes(filters=wanted).get("Volumes") or []
+        if not containers and not volumes:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"could not remove {containers} {volumes}")
+        try:
+            for c in containers:
+                docker.remove_container(c["Id"])
+            for v in volumes:
+                docker.remove_volume(v["Name"])
+        except Exception:  # noqa: BLE001 - e.g. a volume still in use by a container going away
+            time.sleep(0.2)
+    for image in api.images(filters=wanted) if images else []:
+        try:
+            api.remove_image(image["Id"], force=True)
+        except Exception:  # noqa: BLE001 - already gone with its tag
+            pass
 
 
 @pytest.fixture

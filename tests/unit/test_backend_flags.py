@@ -25,6 +25,7 @@ from jobrunner_lib.store import db
 from jobrunner_lib.store import flags as store_flags
 from jobrunner_lib.store import queries as db_queries
 from jobrunner_lib.website.wire import flags_header
+from tests.unit.test_run_pass import add as run_pass_add
 
 # ---- the flags as upstream keeps and sends them ----------------------------------------------
 
@@ -254,20 +255,8 @@ class Workers:
 
 
 def add(conn: sqlite3.Connection, job_id: str, state: State = State.PENDING, **fields: Any) -> Job:
-    at = int(time.time())
-    values: dict[str, Any] = {
-        "job_request_id": "req1",
-        "workspace": "ws",
-        "action": job_id,
-        "created_at": at - 100,
-        "updated_at": at - 10,
-        "run_command": "python:v1 x.sh",
-    }
-    values.update(fields)
-    job = Job(id=job_id, state=state, **values)
-    with db.transaction(conn):
-        db_queries.insert_jobs(conn, [job])
-    return job
+    """test_run_pass's job, with a command (a job that runs something)."""
+    return run_pass_add(conn, job_id, state, **{"run_command": "python:v1 x.sh", **fields})
 
 
 def one_pass(conn: sqlite3.Connection, tmp_path: Path, workers: Workers) -> list:
