@@ -146,7 +146,7 @@ class Driver:
                     if named:  # a job from before names were checked: refuse it clearly
                         raise JobError(f"Action names {named}; rename the action")
                     # Its declarations are the workspace's newest now, whatever happens next.
-                    workspaces.purge_declared_high(self.config, self.conn, job)
+                    workspaces.purge_declared_high(self.config, job)
                     # Recorded before anything is copied: finalize must know every input, even
                     # if the needed action runs again before this job ends.
                     inputs = input_files(self.config, self.conn, job)

@@ -206,13 +206,14 @@ def neighbours(conn: sqlite3.Connection, job: Job) -> outputs.Workspace:
     return outputs.neighbours(job.action, produced, declared)
 
 
-def purge_declared_high(config: Config, conn: sqlite3.Connection, job: Job) -> None:
+def purge_declared_high(config: Config, job: Job) -> None:
     """At a job's start: its declarations are the workspace's newest, so medium copies of what it
-    declares highly_sensitive go now, not only when (and if) it reaches finalize."""
+    declares highly_sensitive go now, not only when (and if) it reaches finalize. Only its own
+    declarations: every other action's were applied when its own jobs started and finished."""
     if not (job.output_spec.get(outputs.HIGH)) or not medium(config, job.workspace).is_dir():
         return
     with locked(config, job.workspace):
-        purge_medium(job, medium(config, job.workspace), {}, neighbours(conn, job))
+        purge_medium(job, medium(config, job.workspace), {}, outputs.Workspace())
 
 
 def purge_medium(job: Job, medium: Path, claimed: dict[str, str], ws: outputs.Workspace) -> None:
